@@ -1,0 +1,5 @@
+import sys
+
+from pirl.cli import main
+
+sys.exit(main())

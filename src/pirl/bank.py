@@ -1,0 +1,98 @@
+"""The memory bank: one unit vector per training image, an EMA of its image embedding f (spec §1.3-1.4).
+
+Negatives are drawn uniformly with replacement (optionally excluding the positive) from a generator reseeded
+from ``(seed, step, term)``, so the draw depends on neither the process count nor where a run was resumed.
+Under ``torch.distributed`` every rank holds the full bank and applies the same all-gathered update, so the
+replicas stay identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers: different tuples give unrelated streams."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class MemoryBank(nn.Module):
+    """N x D bank of unit vectors, kept in a buffer so that it is part of the model's state dict.
+
+    Args:
+        num_samples: rows N, one per training image (the dataset index addresses a row).
+        dim: embedding width D.
+        momentum: weight of the old row in ``m <- normalize(momentum * m + (1 - momentum) * f)``.
+        seed: the initial rows are uniform in [-a, a], a = 1 / sqrt(D / 3), then L2-normalised (as VISSL),
+            drawn from this seed so that every process starts from the same bank.
+    """
+
+    # Dense scoring (emb @ bank.T, then pick columns) beats gathering K rows per sample when N is small.
+    dense_ratio: float = 4.0
+
+    def __init__(self, num_samples: int, dim: int = 128, momentum: float = 0.5, seed: int = 0) -> None:
+        super().__init__()
+        self.num_samples, self.dim, self.momentum, self.seed = num_samples, dim, momentum, seed
+        bound = 1.0 / (dim / 3) ** 0.5
+        gen = torch.Generator().manual_seed(mix_seed(seed, 0x8A4C))
+        rows = torch.rand(num_samples, dim, generator=gen) * (2 * bound) - bound
+        self.register_buffer("memory", F.normalize(rows, dim=1))
+
+    def sample_negatives(self, positives: torch.Tensor, k: int, step: int, term: int, *, shared: bool = False,
+                         exclude_positive: bool = False, global_batch: int | None = None,
+                         offset: int = 0) -> torch.Tensor:
+        """Indices of negatives: (B, K), or (K,) when ``shared``.
+
+        The draw is made for the whole ``global_batch`` and rows ``offset:offset + B`` are this rank's, so one
+        process and several processes with the same global batch see the same negatives.
+        """
+        device = self.memory.device
+        gen = torch.Generator(device=device).manual_seed(mix_seed(self.seed, step, term))
+        if shared:
+            return torch.randint(0, self.num_samples, (k,), generator=gen, device=device)
+        batch = positives.shape[0]
+        high = self.num_samples - 1 if exclude_positive else self.num_samples
+        draw = torch.randint(0, high, (global_batch or batch, k), generator=gen, device=device)
+        draw = draw[offset:offset + batch]
+        if exclude_positive:  # uniform over D \ {I}: shift the indices at or above the positive by one
+            draw = draw + (draw >= positives.unsqueeze(1)).long()
+        return draw
+
+    def score(self, emb: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        """Cosine scores (B, 1 + K) in fp32: column 0 against the positive rows, then the negatives."""
+        emb = emb.float()
+        pos = (emb * self.memory[positives]).sum(dim=1, keepdim=True)
+        if negatives.dim() == 1:
+            neg = emb @ self.memory[negatives].T
+        elif self.num_samples <= self.dense_ratio * negatives.shape[1]:
+            neg = (emb @ self.memory.T).gather(1, negatives)
+        else:
+            neg = torch.bmm(self.memory[negatives], emb.unsqueeze(2)).squeeze(2)
+        return torch.cat([pos, neg], dim=1)
+
+    @torch.no_grad()
+    def update(self, indices: torch.Tensor, emb: torch.Tensor) -> None:
+        """EMA update of the rows ``indices`` with the unit-norm image embeddings, gathered from all ranks.
+
+        Call it only after the step's scores are computed (the trainer calls it after backward).
+        """
+        emb = F.normalize(emb.detach().float(), dim=1)
+        if _distributed():
+            world = dist.get_world_size()
+            all_emb = [torch.empty_like(emb) for _ in range(world)]
+            all_idx = [torch.empty_like(indices) for _ in range(world)]
+            dist.all_gather(all_emb, emb)
+            dist.all_gather(all_idx, indices)
+            emb, indices = torch.cat(all_emb), torch.cat(all_idx)
+        mixed = self.momentum * self.memory[indices] + (1 - self.momentum) * emb
+        self.memory.index_copy_(0, indices, F.normalize(mixed, dim=1))

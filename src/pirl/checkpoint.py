@@ -1,0 +1,162 @@
+"""Checkpoints (everything needed to continue a run) and exports (the trunk alone, torchvision keys).
+
+Checkpoints are written atomically (temporary file, fsync, rename) and read with ``weights_only=True``, so a
+checkpoint from a stranger cannot run code. Exports are safetensors plus a ``config.json`` that is enough to
+rebuild the trunk with torchvision alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pirl.errors import PirlError
+
+CHECKPOINT_FORMAT = "pirl-checkpoint-1"
+_NAME = re.compile(r"checkpoint-e(\d+)-s(\d+)\.pt$")
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through ``write(file_object)`` into a temporary file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    """``epoch`` completed epochs plus ``step`` steps of the next one."""
+    return f"checkpoint-e{epoch:04d}-s{step:07d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints of a run, oldest first."""
+    found = [(tuple(map(int, m.groups())), p) for p in Path(run_dir).glob("checkpoint-*.pt")
+             if (m := _NAME.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any], epoch: int, step: int, keep: int) -> Path:
+    """Save atomically, then delete all but the newest ``keep`` checkpoints of the run."""
+    run_dir = Path(run_dir)
+    path = run_dir / checkpoint_name(epoch, step)
+    atomic_write(path, lambda fh: torch.save({"format": CHECKPOINT_FORMAT, **state}, fh))
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely; a pickle that would run code, or a file that is no checkpoint, is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise PirlError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # UnpicklingError for unsafe globals, RuntimeError for corrupt zips, ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PirlError(f"{path}: not a loadable pirl checkpoint ({reason[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise PirlError(f"{path}: not a pirl checkpoint")
+    return state
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint in ``run_dir`` that loads; a damaged newest one is skipped with a warning."""
+    import warnings
+
+    for path in reversed(list_checkpoints(Path(run_dir))):
+        try:
+            load_checkpoint(path)
+            return path
+        except PirlError as err:
+            warnings.warn(f"skipping damaged checkpoint: {err}", stacklevel=2)
+    return None
+
+
+def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
+    """A checkpoint file as given, or the latest loadable checkpoint of a run directory."""
+    path = Path(run_or_checkpoint)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise PirlError(f"no checkpoint found in run directory {path}")
+        return found
+    if not path.exists():
+        raise PirlError(f"no such run directory or checkpoint: {path}")
+    return path
+
+
+def trunk_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Bare torchvision keys of the trunk, taken from a checkpoint's method state."""
+    prefix = "encoder.trunk."
+    return {k[len(prefix):]: v for k, v in checkpoint["method"].items() if k.startswith(prefix)}
+
+
+def export(run_or_checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Write ``model.safetensors`` (trunk only, torchvision keys, no ``fc``) and ``config.json`` into ``out_dir``."""
+    from pirl.models.trunk import build_trunk, feature_dim
+
+    ckpt = load_checkpoint(resolve_checkpoint(run_or_checkpoint))
+    cfg = ckpt["config"]
+    weights = {k: v.contiguous() for k, v in trunk_state_dict(ckpt).items()}
+    trunk = build_trunk(cfg["model"]["arch"], cfg["model"]["stem"])
+    missing, unexpected = trunk.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise PirlError(f"checkpoint trunk does not match {cfg['model']['arch']}: "
+                        f"{len(missing)} missing, {len(unexpected)} unexpected keys")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "model.safetensors", lambda fh: fh.write(_safetensors_bytes(weights)))
+    meta = {
+        "format": "pirl-export-1",
+        "arch": cfg["model"]["arch"],
+        "stem": cfg["model"]["stem"],
+        "feature_dim": feature_dim(trunk),
+        "input_size": cfg["data"]["image_size"],
+        "mean": cfg["data"]["mean"],
+        "std": cfg["data"]["std"],
+        "method": cfg["loss"]["method"],
+        "epoch": ckpt["epoch"],
+        "training_config": cfg,
+    }
+    atomic_write(out / "config.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+    return out
+
+
+def _safetensors_bytes(weights: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save(weights, metadata={"format": "pt"})
+
+
+def load_export(export_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the trunk of an export (for evaluation); returns (trunk with ``fc = Identity``, config.json)."""
+    from safetensors.torch import load_file
+
+    from pirl.models.trunk import build_trunk
+
+    export_dir = Path(export_dir)
+    cfg_path, weights_path = export_dir / "config.json", export_dir / "model.safetensors"
+    if not cfg_path.is_file() or not weights_path.is_file():
+        raise PirlError(f"{export_dir} is not a pirl export (needs config.json and model.safetensors)")
+    meta = json.loads(cfg_path.read_text())
+    trunk = build_trunk(meta["arch"], meta["stem"])
+    try:
+        trunk.load_state_dict(load_file(weights_path))
+    except Exception as err:
+        raise PirlError(f"{weights_path}: cannot load ({str(err).splitlines()[0][:200]})") from None
+    return trunk, meta

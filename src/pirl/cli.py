@@ -1,0 +1,139 @@
+"""Command line: a thin layer over the library. Every error the user can cause is one line, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from pirl.errors import PirlError
+
+
+def _one_line_warnings() -> None:
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+
+
+def _train_config(args: argparse.Namespace):
+    from pirl.checkpoint import latest_checkpoint, load_checkpoint
+    from pirl.config import load_config
+
+    overrides = list(args.overrides)
+    for flag, key in (("epochs", "optim.epochs"), ("batch_size", "optim.batch_size"), ("seed", "train.seed")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    if args.resume and args.out and (path := latest_checkpoint(args.out)) is not None:
+        # The run's own config wins over a preset; explicit overrides (e.g. more epochs) still apply.
+        return load_config(None, overrides, base=load_checkpoint(path)["config"])
+    return load_config(args.preset or "cpu-quick", overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pirl.config import config_to_dict
+
+    cfg = _train_config(args)
+    if args.print_config:
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    if not args.data or not args.out:
+        raise PirlError("pirl train needs --data PATH and --out DIR")
+    from pirl.train import train
+
+    summary = train(cfg, args.data, args.out, resume=args.resume, data_root=args.data_root, download=args.download)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pirl.checkpoint import export
+
+    out = export(args.run, args.out)
+    print(f"exported trunk to {out / 'model.safetensors'} and {out / 'config.json'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pirl.demo import run_demo
+
+    run_demo(out=args.out, epochs=args.epochs)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pirl.eval.commands import evaluate
+
+    result = evaluate(args.kind, args.model, args.data, args.val_data, random_init=args.random_init,
+                      stage=args.stage, batch_size=args.batch_size, workers=args.workers,
+                      data_root=args.data_root, out=args.out)
+    print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pirl", description="Pretext-Invariant Representation Learning (PIRL).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="pretrain a trunk with PIRL (or NPID++) on a folder, archive or dataset name",
+                       description="Pretrain a ResNet trunk. Config: a preset, then key=value overrides such as "
+                                   "loss.lam=0.5 optim.epochs=100 data.workers=8.")
+    t.add_argument("--data", help="image folder (class subfolders optional), .tar/.tar.gz/.zip of one, "
+                                  "or cifar10 | cifar100 | stl10 | stl10-unlabeled | imagenet")
+    t.add_argument("--out", help="run directory: checkpoints, metrics.jsonl, tensorboard/")
+    t.add_argument("--preset", help="imagenet-r50 | cifar10-r18 | cpu-quick (default) | path/to/config.yaml")
+    t.add_argument("--epochs", type=int, help="shortcut for optim.epochs")
+    t.add_argument("--batch-size", type=int, help="global batch size; shortcut for optim.batch_size")
+    t.add_argument("--seed", type=int, help="shortcut for train.seed")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--data-root", help="where torchvision datasets live (for --data cifar10 etc.)")
+    t.add_argument("--download", action="store_true", help="download a torchvision dataset if missing")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. loss.negatives=4096")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="write the trunk as model.safetensors + config.json (torchvision keys)")
+    e.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
+    e.add_argument("--out", required=True, help="export directory")
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("eval", help="evaluate a trunk on labelled data with frozen features")
+    v.add_argument("kind", choices=["knn", "linear"])
+    v.add_argument("--model", required=True, help="export directory, run directory or checkpoint")
+    v.add_argument("--data", required=True, help="labelled training images (folder, archive or dataset name)")
+    v.add_argument("--val-data", help="labelled test images (default: the test/val split of --data)")
+    v.add_argument("--out", help="directory for the result JSON")
+    v.add_argument("--random-init", action="store_true", help="evaluate the same architecture at random init")
+    v.add_argument("--stage", default="pool", choices=["conv1", "res2", "res3", "res4", "res5", "pool"])
+    v.add_argument("--batch-size", type=int, default=256)
+    v.add_argument("--workers", type=int, default=2)
+    v.add_argument("--data-root", help="where torchvision datasets live")
+    v.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="offline demo on scikit-learn's digits: kNN accuracy before vs after PIRL")
+    d.add_argument("--out", default=None, help="run directory (default: a temporary one)")
+    d.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's own)")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _one_line_warnings()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except PirlError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory; lower optim.batch_size or loss.negatives", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The training configuration: typed dataclasses, one per concern, with checks on values.
+
+Every field can be set in a YAML preset or on the command line as ``section.key=value``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    # Image view I: RandomResizedCrop(image_size, scale=image_scale) of the (optionally upscaled) image.
+    image_size: int = 224
+    image_scale: tuple[float, float] = (0.08, 1.0)
+    # Jigsaw view I^t: an independent RandomResizedCrop(jigsaw_crop, scale=jigsaw_scale), cut into a grid x grid
+    # lattice of cells of jigsaw_crop // grid pixels; one patch_size patch per cell at a random offset.
+    jigsaw_crop: int = 255
+    jigsaw_scale: tuple[float, float] = (0.6, 1.0)
+    patch_size: int = 64
+    grid: int = 3
+    # Train on a seeded random subset of this many images (0: all); the bank then has this many rows.
+    subset: int = 0
+    # Images whose shorter side is below this are upscaled (bicubic) before cropping; 0 keeps them as they are.
+    min_size: int = 0
+    # Photometric augmentation applied independently to the image and to every patch:
+    # "vissl" (jitter 0.4/0.4/0.4/0.2, p=0.66 posterize/sharpness/solarize/autocontrast, grayscale 0.2, flip 0.5),
+    # "simclr_blur" (flip, SimCLR colour distortion, Gaussian blur) or "light" (jitter 0.4 + grayscale + flip).
+    augment: str = "vissl"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    workers: int = 4
+    # Stop the run when more than this fraction of the images seen so far could not be decoded.
+    max_bad_fraction: float = 0.01
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"
+    stem: str = "imagenet"  # "cifar": 3x3 stride-1 conv1 without max-pool, for 32-pixel inputs
+    head: str = "linear"  # "linear" (paper) or "mlp" (VISSL's SimCLR-style heads)
+    embed_dim: int = 128
+    mlp_hidden: int = 2048
+
+
+@dataclass
+class LossConfig:
+    method: str = "pirl"  # "pirl" or "npid" (NPID++, i.e. PIRL with lam = 0 and no transformed branch)
+    pretext: str = "jigsaw"  # "jigsaw", "rotation" or "jigsaw_rotation"
+    lam: float = 0.5  # weight of the transformed-view term; 1 - lam weights the image term
+    form: str = "infonce"  # "infonce", "npid_nce" (NCE with a frozen Z, as VISSL) or "paper_nce" (Eq. 3-4)
+    temperature: float = 0.07
+    negatives: int = 32000
+    bank_momentum: float = 0.5
+    exclude_positive: bool = False  # paper: negatives drawn from D \ {I}; VISSL draws from all of D
+    share_negatives: bool = False  # one negative set per batch instead of one per sample
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 200
+    batch_size: int = 256  # global batch, across all processes
+    base_lr: float = 0.03  # per 256 images; lr = base_lr * batch_size / 256
+    final_lr_ratio: float = 1e-3
+    warmup_epochs: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # not applied to BatchNorm parameters and biases
+    nesterov: bool = False
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
+    amp: bool = True  # bf16/fp16 autocast on CUDA only; the loss is always computed in fp32
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    log_every: int = 10  # steps between metric records
+    checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
+    keep_checkpoints: int = 2
+    nonfinite: str = "stop"  # "stop" or "skip" a batch whose loss is NaN/inf
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

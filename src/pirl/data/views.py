@@ -1,0 +1,139 @@
+"""The views PIRL learns from: the image view I, the jigsaw view I^t, the rotation view (spec §1.7-1.8, §1.10).
+
+Every view works on one PIL image and draws all its randomness from torch's global generator, which
+:class:`pirl.data.dataset.ViewDataset` seeds per sample, so augmentations are repeatable. All sizes derive
+from :class:`pirl.config.DataConfig`: ImageNet (224 / 255 / 64) and 32-pixel images use the same code.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from pirl.config.schema import DataConfig
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+class VisslPhotometric(torch.nn.Module):
+    """With probability p: posterize (4-8 bits), sharpness (factor U[0.1, 1.9]), solarize (threshold 0-256),
+    autocontrast, in sequence (VISSL's ImgPilRandomPhotometric)."""
+
+    def __init__(self, p: float = 0.66) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if torch.rand(()) >= self.p:
+            return img
+        img = TF.posterize(img, int(torch.randint(4, 9, ())))
+        img = TF.adjust_sharpness(img, float(torch.empty(()).uniform_(0.1, 1.9)))
+        img = TF.solarize(img, float(torch.randint(0, 257, ())))
+        return TF.autocontrast(img)
+
+
+def photometric(kind: str, size: int) -> Transform:
+    """The per-element augmentation applied to the image and independently to each patch (uint8 CHW in/out)."""
+    if kind == "vissl":
+        return v2.Compose([v2.ColorJitter(0.4, 0.4, 0.4, 0.2), VisslPhotometric(0.66), v2.RandomGrayscale(0.2),
+                           v2.RandomHorizontalFlip(0.5)])
+    if kind == "simclr_blur":
+        kernel = max(3, (size // 10) | 1)  # odd, about 10% of the side, as SimCLR
+        return v2.Compose([v2.RandomHorizontalFlip(0.5), v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+                           v2.RandomGrayscale(0.2), v2.RandomApply([v2.GaussianBlur(kernel, (0.1, 2.0))], p=0.5)])
+    if kind == "light":
+        return v2.Compose([v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(0.2),
+                           v2.RandomHorizontalFlip(0.5)])
+    if kind == "none":
+        return v2.Identity()
+    raise ValueError(f"unknown augmentation {kind!r}")
+
+
+class _View:
+    """Shared by the views: upscale small images, normalise to float."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.cfg = cfg
+        self.mean, self.std = list(cfg.mean), list(cfg.std)
+
+    def to_tensor(self, img: Image.Image) -> torch.Tensor:
+        t = TF.pil_to_tensor(img)
+        short = min(t.shape[-2:])
+        if self.cfg.min_size and short < self.cfg.min_size:
+            t = TF.resize(t, self.cfg.min_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        return t
+
+    def normalize(self, t: torch.Tensor) -> torch.Tensor:
+        return TF.normalize(TF.to_dtype(t, torch.float32, scale=True), self.mean, self.std)
+
+
+class ImageView(_View):
+    """I: RandomResizedCrop(image_size, image_scale), then the photometric augmentation. Returns (3, S, S)."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        super().__init__(cfg)
+        self.crop = v2.RandomResizedCrop(cfg.image_size, scale=tuple(cfg.image_scale), antialias=True)
+        self.augment = photometric(cfg.augment, cfg.image_size)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return self.normalize(self.augment(self.crop(img)))
+
+
+def jigsaw_geometry(crop: int, grid: int, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random patch boxes of a jigsaw: (grid*grid, 2) top-left (y, x) corners, one patch per cell at an integer
+    offset in [0, cell - patch] per axis, listed in a uniformly random order, and that order (cell of each patch)."""
+    cell = crop // grid
+    order = torch.randperm(grid * grid)
+    cells = torch.stack([order // grid, order % grid], dim=1)
+    offsets = torch.randint(0, cell - patch + 1, (grid * grid, 2))
+    return cells * cell + offsets, order
+
+
+class JigsawView(_View):
+    """I^t: an independent RandomResizedCrop(jigsaw_crop, jigsaw_scale), a grid x grid lattice, one patch per cell,
+    the patches shuffled uniformly over all (grid^2)! orders, each augmented on its own. Returns ((9, 3, P, P), order)."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        super().__init__(cfg)
+        self.crop = v2.RandomResizedCrop(cfg.jigsaw_crop, scale=tuple(cfg.jigsaw_scale), antialias=True)
+        self.augment = photometric(cfg.augment, cfg.patch_size)
+
+    def __call__(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        puzzle = self.crop(img)
+        p = self.cfg.patch_size
+        corners, order = jigsaw_geometry(self.cfg.jigsaw_crop, self.cfg.grid, p)
+        patches = [self.normalize(self.augment(puzzle[:, y:y + p, x:x + p])) for y, x in corners.tolist()]
+        return torch.stack(patches), order
+
+
+class PirlViews:
+    """Everything one training sample needs, as a dict of tensors.
+
+    ``image`` (3, S, S) always; with ``pretext``: "jigsaw" adds ``patches`` (9, 3, P, P) and ``order``;
+    "rotation" adds ``rotated`` (3, S, S), a second image view turned by ``rotation`` x 90 degrees;
+    "jigsaw_rotation" turns the image by ``rotation`` x 90 degrees before cutting the jigsaw.
+    """
+
+    def __init__(self, cfg: DataConfig, pretext: str | None = "jigsaw") -> None:
+        self.pretext = pretext
+        self.image_view = ImageView(cfg)
+        self.jigsaw_view = JigsawView(cfg)
+        self.to_tensor = self.image_view.to_tensor
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        t = self.to_tensor(img)
+        out = {"image": self.image_view(t)}
+        if self.pretext in ("rotation", "jigsaw_rotation"):
+            out["rotation"] = torch.randint(0, 4, ())
+            turned = torch.rot90(t, int(out["rotation"]), dims=(-2, -1))
+            if self.pretext == "rotation":
+                out["rotated"] = self.image_view(turned)
+                return out
+            t = turned
+        if self.pretext in ("jigsaw", "jigsaw_rotation"):
+            out["patches"], out["order"] = self.jigsaw_view(t)
+        return out

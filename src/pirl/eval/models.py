@@ -1,0 +1,78 @@
+"""Load a trained trunk for evaluation from a run directory, a checkpoint or an export."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from pirl.checkpoint import load_checkpoint, load_export, resolve_checkpoint, trunk_state_dict
+from pirl.errors import PirlError
+from pirl.models.trunk import build_trunk
+
+
+@dataclass
+class LoadedModel:
+    trunk: nn.Module
+    arch: str
+    stem: str
+    input_size: int
+    mean: list[float]
+    std: list[float]
+    identity: str  # changes whenever the weights change: keys the feature cache
+
+    def describe(self) -> dict[str, Any]:
+        return {"arch": self.arch, "stem": self.stem, "input_size": self.input_size}
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def load_model(spec: str | Path, *, random_init: bool = False, seed: int = 0) -> LoadedModel:
+    """The trunk of an export directory, a run directory (latest checkpoint) or a checkpoint file.
+
+    With ``random_init`` the same architecture is returned freshly initialised from ``seed``: the baseline
+    that every evaluation compares against.
+    """
+    path = Path(spec)
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        trunk, meta = load_export(path)
+        arch, stem, size, mean, std = meta["arch"], meta["stem"], meta["input_size"], meta["mean"], meta["std"]
+        identity = _file_digest(path / "model.safetensors")
+    elif path.exists():
+        ckpt_path = resolve_checkpoint(path)
+        ckpt = load_checkpoint(ckpt_path)
+        cfg = ckpt["config"]
+        arch, stem = cfg["model"]["arch"], cfg["model"]["stem"]
+        size, mean, std = cfg["data"]["image_size"], cfg["data"]["mean"], cfg["data"]["std"]
+        trunk = build_trunk(arch, stem)
+        trunk.load_state_dict(trunk_state_dict(ckpt))
+        identity = _file_digest(ckpt_path)
+    else:
+        raise PirlError(f"model not found: {spec} (expected an export, a run directory or a checkpoint)")
+    if random_init:
+        torch.manual_seed(seed)
+        trunk = build_trunk(arch, stem)
+        identity = f"random-{arch}-{stem}-{seed}"
+    return LoadedModel(trunk.eval(), arch, stem, int(size), list(mean), list(std), identity)
+
+
+class LabeledImages(Dataset):
+    """(transformed image, label) pairs of an image source; undecodable images raise a one-line error."""
+
+    def __init__(self, source: Any, transform: Any) -> None:
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        img, label = self.source[index]
+        return self.transform(img), label

@@ -1,0 +1,122 @@
+"""What every method shares: an encoder (trunk + heads), the memory bank, the loss, the views it trains on.
+
+A method is one short subclass that says which views it needs, builds its heads, and turns embeddings into a
+loss. The trainer only calls :meth:`Method.training_step` and :meth:`Method.after_step`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pirl import losses
+from pirl.bank import MemoryBank
+from pirl.config.schema import Config
+from pirl.data.views import PirlViews
+from pirl.models.trunk import build_trunk, feature_dim
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+    # (indices, image embeddings) to write into the bank once the optimizer step is done
+    bank_update: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+class Encoder(nn.Module):
+    """Trunk plus named heads; the part of a method that has gradients (and that DDP wraps)."""
+
+    def __init__(self, trunk: nn.Module, heads: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.heads = nn.ModuleDict(heads)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``inputs`` maps a head name to the images it embeds; images of a head go through the trunk as one batch."""
+        return {name: self.heads[name](self.trunk(x)) for name, x in inputs.items()}
+
+
+class BankLoss(nn.Module):
+    """The contrastive loss of an embedding against its bank row (positive) and K bank rows (negatives).
+
+    Holds the NCE normaliser Z (``log_z``), estimated once from the first batch it sees and checkpointed.
+    """
+
+    def __init__(self, form: str, temperature: float, num_samples: int) -> None:
+        super().__init__()
+        self.form, self.temperature, self.num_samples = form, temperature, num_samples
+        self.register_buffer("log_z", torch.tensor(float("nan")))
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.form == "infonce":
+            return losses.info_nce(scores, self.temperature)
+        if self.form == "paper_nce":
+            return losses.paper_nce(scores, self.temperature)
+        if torch.isnan(self.log_z):
+            z = losses.estimate_log_z(scores, self.temperature, self.num_samples).exp()
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(z)
+                z /= dist.get_world_size()
+            self.log_z.copy_(z.log())
+        return losses.npid_nce(scores, self.temperature, self.log_z, self.num_samples)
+
+
+class Method(nn.Module):
+    """Base of the bank-based methods: builds trunk, bank and loss from the config; subclasses add heads."""
+
+    name = "base"
+    pretext: str | None = None
+
+    def __init__(self, cfg: Config, num_samples: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_samples = num_samples
+        trunk = build_trunk(cfg.model.arch, cfg.model.stem)
+        self.encoder = Encoder(trunk, self.build_heads(feature_dim(trunk)))
+        self.bank = MemoryBank(num_samples, cfg.model.embed_dim, cfg.loss.bank_momentum, cfg.train.seed)
+        self.criterion = BankLoss(cfg.loss.form, cfg.loss.temperature, num_samples)
+        # set by the trainer under torch.distributed: this rank's rows of the global batch
+        self.global_batch: int | None = None
+        self.batch_offset = 0
+
+    def build_heads(self, in_dim: int) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def views(self) -> PirlViews:
+        return PirlViews(self.cfg.data, self.pretext)
+
+    def bank_loss(self, emb: torch.Tensor, indices: torch.Tensor, step: int, term: int) -> torch.Tensor:
+        """Loss of unit-norm embeddings against their bank rows and freshly drawn negatives (one draw per term)."""
+        lc = self.cfg.loss
+        k = min(lc.negatives, self.num_samples - 1 if lc.exclude_positive else self.num_samples)
+        negatives = self.bank.sample_negatives(indices, k, step, term, shared=lc.share_negatives,
+                                               exclude_positive=lc.exclude_positive,
+                                               global_batch=self.global_batch, offset=self.batch_offset)
+        with torch.autocast(device_type=emb.device.type, enabled=False):  # the loss maths stays in fp32
+            return self.criterion(self.bank.score(emb.float(), indices, negatives))
+
+    def training_step(self, batch: dict[str, torch.Tensor], step: int, encoder: nn.Module | None = None) -> StepOutput:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def after_step(self, out: StepOutput) -> None:
+        """Write the step's image embeddings into the bank (after the scores and the optimizer step)."""
+        if out.bank_update is not None:
+            self.bank.update(*out.bank_update)
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """SGD groups: weight decay on conv and linear weights only, not on BatchNorm parameters or biases."""
+        decay, no_decay = [], []
+        for p in self.encoder.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=1)

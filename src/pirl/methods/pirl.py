@@ -1,0 +1,70 @@
+"""PIRL: L = lam * L(m_I, g(v_{I^t})) + (1 - lam) * L(m_I, f(v_I)) (paper Eq. 5), with a jigsaw, rotation or
+jigsaw + rotation pretext. NPID++ is the same method with lam = 0 and no transformed view."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pirl.methods.base import Method, StepOutput, unit
+from pirl.models.heads import ImageHead, JigsawHead
+
+
+class PIRL(Method):
+    name = "pirl"
+
+    def __init__(self, cfg, num_samples: int) -> None:
+        self.pretext = cfg.loss.pretext
+        super().__init__(cfg, num_samples)
+
+    def build_heads(self, in_dim: int) -> dict[str, nn.Module]:
+        m = self.cfg.model
+        f = ImageHead(in_dim, m.embed_dim, m.head == "mlp", m.mlp_hidden)
+        if self.pretext == "rotation":
+            g: nn.Module = ImageHead(in_dim, m.embed_dim, m.head == "mlp", m.mlp_hidden)
+        else:
+            g = JigsawHead(in_dim, m.embed_dim, self.cfg.data.grid ** 2, m.head == "mlp", m.mlp_hidden)
+        return {"f": f, "g": g}
+
+    def transformed_input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.pretext == "rotation":
+            return batch["rotated"]
+        return batch["patches"].flatten(0, 1)  # (B, 9, 3, P, P) -> (9B, 3, P, P), image-major
+
+    def training_step(self, batch, step, encoder=None) -> StepOutput:
+        encoder = encoder or self.encoder
+        lam, idx = self.cfg.loss.lam, batch["index"]
+        # The transformed view goes first, as in VISSL (it sets the order of the BatchNorm running-stat updates).
+        inputs = {"g": self.transformed_input(batch)} if lam > 0 else {}
+        inputs["f"] = batch["image"]
+        emb = encoder(inputs)
+        e_img = unit(emb["f"])
+        loss_img = self.bank_loss(e_img, idx, step, term=1)
+        logs = {"loss_image": loss_img.detach()}
+        loss = (1 - lam) * loss_img
+        if lam > 0:
+            e_t = unit(emb["g"])
+            loss_t = self.bank_loss(e_t, idx, step, term=0)
+            loss = loss + lam * loss_t
+            logs["loss_transformed"] = loss_t.detach()
+            logs["sim_f_g"] = (e_img * e_t).sum(1).mean().detach()
+        return StepOutput(loss, logs, (idx, e_img.detach()))
+
+
+class NPID(PIRL):
+    """NPID++: the image term alone (lam = 0), no transformed view computed."""
+
+    name = "npid"
+
+    def __init__(self, cfg, num_samples: int) -> None:
+        Method.__init__(self, cfg, num_samples)  # no pretext: the class attribute stays None
+
+    def build_heads(self, in_dim: int) -> dict[str, nn.Module]:
+        m = self.cfg.model
+        return {"f": ImageHead(in_dim, m.embed_dim, m.head == "mlp", m.mlp_hidden)}
+
+    def training_step(self, batch, step, encoder=None) -> StepOutput:
+        encoder = encoder or self.encoder
+        e_img = unit(encoder({"f": batch["image"]})["f"])
+        loss = self.bank_loss(e_img, batch["index"], step, term=1)
+        return StepOutput(loss, {"loss_image": loss.detach()}, (batch["index"], e_img.detach()))

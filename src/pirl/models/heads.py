@@ -1,0 +1,50 @@
+"""Projection heads: f for the image view, g for the transformed view (spec §1.6).
+
+Linear heads are the paper's; ``mlp=True`` gives VISSL's "SimCLR improvements" heads. Heads output raw
+embeddings; the method L2-normalises them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _projection(in_dim: int, out_dim: int, mlp: bool, hidden: int, last_relu: bool = False) -> nn.Module:
+    if not mlp:
+        return nn.Linear(in_dim, out_dim)
+    layers: list[nn.Module] = [nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)]
+    if last_relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class ImageHead(nn.Module):
+    """f: pooled trunk feature (B, C) -> embedding (B, D). Also g for the rotation pretext."""
+
+    def __init__(self, in_dim: int, out_dim: int = 128, mlp: bool = False, hidden: int = 2048) -> None:
+        super().__init__()
+        self.proj = _projection(in_dim, out_dim, mlp, hidden)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(features)
+
+
+class JigsawHead(nn.Module):
+    """g: pooled features of the n patches of each image (n*B, C), image-major, -> embedding (B, D).
+
+    A projection shared by all patches, concatenation of the n patch vectors in their (shuffled) order, and a
+    second projection of the concatenation. With ``mlp=True`` the shared projection is Linear-ReLU-Linear-ReLU
+    (VISSL keeps the last ReLU there).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 128, num_patches: int = 9, mlp: bool = False,
+                 hidden: int = 2048) -> None:
+        super().__init__()
+        self.num_patches = num_patches
+        self.patch_proj = _projection(in_dim, out_dim, mlp, hidden, last_relu=mlp)
+        self.concat_proj = nn.Linear(num_patches * out_dim, out_dim)
+
+    def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
+        per_patch = self.patch_proj(patch_features)  # (n*B, D)
+        return self.concat_proj(per_patch.reshape(-1, self.num_patches * per_patch.shape[1]))

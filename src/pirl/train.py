@@ -1,0 +1,287 @@
+"""The training loop: plain PyTorch, one process per device, ``torchrun`` for several.
+
+One step: views -> encoder (trunk + heads) -> scores against the memory bank -> loss (fp32) -> backward ->
+SGD step -> bank update from the image embeddings. A checkpoint at the end of every epoch (and every
+``train.checkpoint_every_steps`` steps) holds everything needed to continue exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from pirl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pirl.config import Config, config_to_dict
+from pirl.data.dataset import EpochSampler, ViewDataset
+from pirl.data.sources import open_source
+from pirl.errors import PirlError
+from pirl.methods import build_method
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> DistInfo:
+    """Join the process group that ``torchrun`` describes in the environment (gloo on CPU, NCCL on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        use_cuda = device != "cpu" and torch.cuda.is_available()
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise PirlError("train.device=cuda but no CUDA device is available")
+        return torch.device(name if ":" in name else f"cuda:{local_rank}")
+    return torch.device("cpu")
+
+
+def subset_indices(num_images: int, size: int, seed: int) -> list[int] | None:
+    """A seeded random subset (sorted), or None for all images."""
+    if not size or size >= num_images:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(num_images, generator=gen)[:size].tolist())
+
+
+def adapt_to_dataset(cfg: Config, num_samples: int, world: int) -> None:
+    """Shrink settings that cannot apply to a small dataset, with a warning each."""
+    o, lo = cfg.optim, cfg.loss
+    if num_samples < 2 * world:
+        raise PirlError(f"the dataset has {num_samples} images; at least {2 * world} are needed")
+    if o.batch_size > num_samples:
+        new = max(world, num_samples // 2 // world * world)
+        warnings.warn(f"optim.batch_size={o.batch_size} exceeds the {num_samples} images; using {new}", stacklevel=2)
+        o.batch_size = new
+    if o.batch_size % world:
+        raise PirlError(f"optim.batch_size={o.batch_size} is not divisible by the {world} processes")
+    limit = num_samples - 1 if lo.exclude_positive else num_samples
+    if lo.negatives > limit:
+        warnings.warn(f"loss.negatives={lo.negatives} exceeds the {num_samples} images; using {limit}", stacklevel=2)
+        lo.negatives = limit
+
+
+def learning_rate(cfg: Config, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Linear scaling from ``base_lr`` per 256 images, linear warm-up, then cosine to ``final_lr_ratio * lr``."""
+    o = cfg.optim
+    peak = o.base_lr * o.batch_size / 256
+    warmup = int(o.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    final = peak * o.final_lr_ratio
+    return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers augment one sample at a time; threads would fight the trainer
+
+
+class RunLog:
+    """metrics.jsonl and TensorBoard in the run directory (main process only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            self.jsonl = open(run_dir / "metrics.jsonl", "a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # TensorBoard is optional at run time
+                self.writer = None
+
+    def record(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"kind": kind, "global_step": step, **values}) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                    self.writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+def train(cfg: Config, data: str, out: str | Path, *, resume: bool = False, data_root: str | None = None,
+          download: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Pretrain on ``data`` (a folder, an archive or a torchvision dataset name) into the run directory ``out``.
+
+    Returns a summary: epochs done, last loss, checkpoint path. With ``resume``, continues from the latest
+    checkpoint in ``out`` (the checkpoint's state replaces the freshly initialised one).
+    """
+    dinfo = setup_distributed(cfg.train.device)
+    device = resolve_device(cfg.train.device, dinfo.local_rank)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    run_dir = Path(out)
+    if dinfo.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    source = open_source(data, root=data_root, download=download)
+    indices = subset_indices(len(source), cfg.data.subset, cfg.train.seed)
+    num_samples = len(indices) if indices is not None else len(source)
+    adapt_to_dataset(cfg, num_samples, dinfo.world)
+
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    method = build_method(cfg, num_samples).to(device)
+    dataset = ViewDataset(source, method.views(), cfg.train.seed, indices)
+    sampler = EpochSampler(num_samples, cfg.optim.batch_size, cfg.train.seed, dinfo.rank, dinfo.world)
+    method.global_batch, method.batch_offset = cfg.optim.batch_size, dinfo.rank * sampler.local_batch
+    loader = DataLoader(dataset, batch_size=sampler.local_batch, sampler=sampler, num_workers=cfg.data.workers,
+                        pin_memory=device.type == "cuda", drop_last=True, worker_init_fn=_worker_init)
+    optimizer = torch.optim.SGD(method.parameter_groups(cfg.optim.weight_decay), lr=0.0,
+                                momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
+
+    start_epoch, start_step, global_step, bad_seen = 0, 0, 0, set()
+    if resume:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            warnings.warn(f"--resume: no checkpoint in {run_dir}; starting from scratch", stacklevel=2)
+        else:
+            state = load_checkpoint(path, map_location=device)
+            method.load_state_dict(state["method"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
+            bad_seen = set(state.get("bad_images", []))
+            torch.set_rng_state(state["rng"]["torch"])
+            if dinfo.is_main:
+                print(f"resumed from {path} (epoch {start_epoch}, step {start_step})", flush=True)
+    if dinfo.is_main:
+        (run_dir / "config.json").write_text(json.dumps(
+            {"data": data, "num_samples": num_samples, "config": config_to_dict(cfg)}, indent=2))
+
+    encoder: torch.nn.Module = method.encoder
+    use_cuda = device.type == "cuda"
+    if use_cuda and cfg.train.channels_last:
+        encoder.to(memory_format=torch.channels_last)
+    if dinfo.world > 1:
+        encoder = torch.nn.parallel.DistributedDataParallel(
+            encoder, device_ids=[device.index] if use_cuda else None)
+    if cfg.train.compile:
+        encoder = torch.compile(encoder)
+    amp_dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and cfg.train.amp and amp_dtype == torch.float16)
+
+    log = RunLog(run_dir, dinfo.is_main)
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    last_loss, ckpt_path = float("nan"), None
+
+    def checkpoint(epoch: int, step: int) -> Path | None:
+        if not dinfo.is_main:
+            return None
+        state = {"config": config_to_dict(cfg), "epoch": epoch, "step": step, "global_step": global_step,
+                 "num_samples": num_samples, "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                 "rng": {"torch": torch.get_rng_state()}, "bad_images": sorted(bad_seen)}
+        return save_checkpoint(run_dir, state, epoch, step, cfg.train.keep_checkpoints)
+
+    try:
+        for epoch in range(start_epoch, cfg.optim.epochs):
+            sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
+            method.train()
+            bar = None
+            if dinfo.is_main and progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=steps_per_epoch, initial=sampler.start_step, desc=f"epoch {epoch + 1}/"
+                           f"{cfg.optim.epochs}", unit="step", dynamic_ncols=True, mininterval=1.0)
+            tick, epoch_loss, epoch_steps = time.perf_counter(), 0.0, 0
+            for step_in_epoch, batch in enumerate(loader, start=sampler.start_step):
+                bad = batch.pop("bad")
+                bad_seen.update(int(i) for i in bad[bad >= 0])
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                if use_cuda and cfg.train.channels_last:
+                    for key in ("image", "rotated"):
+                        if key in batch:
+                            batch[key] = batch[key].contiguous(memory_format=torch.channels_last)
+                lr = learning_rate(cfg, global_step, total_steps, steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_cuda and cfg.train.amp):
+                    out = method.training_step(batch, global_step, encoder)
+                if not torch.isfinite(out.loss):
+                    message = (f"loss is {out.loss.item()} at epoch {epoch + 1}, step {step_in_epoch + 1} "
+                               f"(global step {global_step + 1})")
+                    if cfg.train.nonfinite == "stop":
+                        raise PirlError(f"{message}; stopped, the last good checkpoint stays in {run_dir}")
+                    warnings.warn(f"{message}; batch skipped (train.nonfinite=skip)", stacklevel=1)
+                    optimizer.zero_grad(set_to_none=True)
+                    global_step += 1
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(out.loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                method.after_step(out)
+                global_step += 1
+
+                _check_bad_fraction(cfg, bad_seen, global_step * cfg.optim.batch_size, dataset)
+                if global_step % cfg.train.log_every == 0 or step_in_epoch + 1 == steps_per_epoch:
+                    now = time.perf_counter()
+                    done = step_in_epoch + 1 - sampler.start_step - epoch_steps
+                    last_loss = out.loss.item()
+                    values = {"epoch": epoch + 1, "step": step_in_epoch + 1, "loss": last_loss, "lr": lr,
+                              "images_per_s": done * cfg.optim.batch_size / max(now - tick, 1e-9)}
+                    values.update({k: float(v) for k, v in out.logs.items()})
+                    log.record("train", global_step, values)
+                    epoch_loss += last_loss * done
+                    epoch_steps += done
+                    tick = now
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{values['images_per_s']:.0f}")
+                if bar is not None:
+                    bar.update(1)
+                every = cfg.train.checkpoint_every_steps
+                if every and global_step % every == 0 and step_in_epoch + 1 < steps_per_epoch:
+                    ckpt_path = checkpoint(epoch, step_in_epoch + 1) or ckpt_path
+            if bar is not None:
+                bar.close()
+            start_step = 0
+            ckpt_path = checkpoint(epoch + 1, 0) or ckpt_path
+            log.record("epoch", global_step, {"epoch": epoch + 1, "loss": epoch_loss / max(epoch_steps, 1),
+                                              "bad_images": len(bad_seen)})
+    finally:
+        log.close()
+    if bad_seen and dinfo.is_main:
+        print(f"skipped {len(bad_seen)} undecodable image(s); their indices are in the checkpoint", flush=True)
+    return {"epochs": cfg.optim.epochs, "loss": last_loss, "checkpoint": str(ckpt_path) if ckpt_path else None,
+            "run_dir": str(run_dir), "num_samples": num_samples, "bad_images": len(bad_seen)}
+
+
+def _check_bad_fraction(cfg: Config, bad: set[int], seen: int, dataset: ViewDataset) -> None:
+    if bad and len(bad) > cfg.data.max_bad_fraction * max(seen, len(dataset) // 10):
+        raise PirlError(f"{len(bad)} of the first {seen} images could not be decoded "
+                        f"(data.max_bad_fraction={cfg.data.max_bad_fraction}); fix or remove them")
