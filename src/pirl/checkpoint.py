@@ -50,11 +50,16 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any], epoch: int, step: int, keep: int) -> Path:
-    """Save atomically, then delete all but the newest ``keep`` checkpoints of the run."""
+    """Save atomically, then delete all but the newest ``keep`` checkpoints of the run.
+
+    The one just written always stays: after resuming past a damaged checkpoint, that damaged file sorts
+    as newer than the fresh ones.
+    """
     run_dir = Path(run_dir)
     path = run_dir / checkpoint_name(epoch, step)
     atomic_write(path, lambda fh: torch.save({"format": CHECKPOINT_FORMAT, **state}, fh))
-    for old in list_checkpoints(run_dir)[:-keep]:
+    others = [p for p in list_checkpoints(run_dir) if p != path]
+    for old in others[:max(0, len(others) - (keep - 1))]:
         old.unlink(missing_ok=True)
     return path
 

@@ -44,6 +44,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     summary = train(cfg, args.data, args.out, resume=args.resume, data_root=args.data_root, download=args.download)
     print(json.dumps(summary))
+    if summary.get("stopped"):
+        if summary.get("checkpoint"):  # the main process; the others have nothing to add
+            print(f"stopped by {summary['stopped']}: checkpoint saved to {summary['checkpoint']}; run the same "
+                  "command with --resume to continue", file=sys.stderr)
+        # SIGTERM is the polite way to end a job (schedulers, docker stop); Ctrl-C keeps the shell's convention.
+        return 130 if summary["stopped"] == "SIGINT" else 0
     return 0
 
 
@@ -118,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(err: PirlError) -> str:
+    """One line: errors re-raised from DataLoader workers carry the worker's traceback in their text."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback" in str(err):
+        last = lines[-1]
+        return last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last
+    return lines[0] if lines else type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     _one_line_warnings()
     parser = build_parser()
@@ -125,13 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PirlError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except MemoryError:
         print("error: out of memory; lower optim.batch_size or loss.negatives", file=sys.stderr)
+        return 1
+    except OSError as err:  # disk full, permission denied, a path too long: the system's words are enough
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
         return 1
 
 

@@ -7,10 +7,13 @@ SGD step -> bank update from the image embeddings. A checkpoint at the end of ev
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -21,10 +24,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from pirl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pirl.checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
 from pirl.config import Config, config_to_dict
 from pirl.data.dataset import EpochSampler, ViewDataset
-from pirl.data.sources import open_source
+from pirl.data.views import PirlViews
+from pirl.data.sources import ImageSource, open_source
 from pirl.errors import PirlError
 from pirl.methods import build_method
 
@@ -40,14 +44,17 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup_distributed(device: str) -> DistInfo:
-    """Join the process group that ``torchrun`` describes in the environment (gloo on CPU, NCCL on CUDA)."""
+def setup_distributed(device: str, timeout_s: float = 600.0) -> DistInfo:
+    """Join the process group that ``torchrun`` describes in the environment (gloo on CPU, NCCL on CUDA).
+
+    A collective that waits longer than ``timeout_s`` for a lost peer fails instead of hanging.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
         use_cuda = device != "cpu" and torch.cuda.is_available()
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -100,20 +107,87 @@ def learning_rate(cfg: Config, step: int, total_steps: int, steps_per_epoch: int
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers augment one sample at a time; threads would fight the trainer
+    # Ctrl-C reaches the whole process group; the main process decides when to stop. SIGTERM keeps its default
+    # (the inherited handler would ignore it): the DataLoader terminates workers that do not exit in time.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class StopRequest:
+    """SIGTERM / SIGINT handlers that only note the signal; the trainer stops at the next step boundary.
+
+    A second SIGINT raises :class:`KeyboardInterrupt` at once. Forked DataLoader workers inherit the handler
+    before their own setup runs, so it ignores signals outside the process that installed it.
+    """
+
+    signals = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._pid = os.getpid()
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal.signal only works in the main thread; the caller keeps its own handling
+        for sig in self.signals:
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # e.g. SIGINT in a background job stays ignored
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+
+
+def _agree(world: int, loss: torch.Tensor, signum: int, bad: torch.Tensor) -> tuple[bool, int, list[int]]:
+    """(loss finite everywhere, signal any process received, undecodable indices found by any process).
+
+    Every process must skip the same batches and stop at the same step, or the others would wait in a
+    collective forever: one all_reduce of three numbers per step, plus an all_gather in the rare step with
+    undecodable images.
+    """
+    finite = torch.isfinite(loss.detach())
+    if world == 1:
+        return bool(finite), signum, bad[bad >= 0].tolist()
+    flags = torch.stack([(~finite).float(), loss.new_tensor(float(signum)), loss.new_tensor(float((bad >= 0).any()))])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    nonfinite, signum_any, any_bad = flags.tolist()
+    if any_bad:
+        local = bad.to(loss.device)
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local)
+        bad = torch.cat(parts).cpu()
+    return not nonfinite, int(signum_any), bad[bad >= 0].tolist()
 
 
 class RunLog:
-    """metrics.jsonl and TensorBoard in the run directory (main process only)."""
+    """metrics.jsonl and TensorBoard in the run directory (main process only).
 
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
+    ``resumed_step``: the global step of the checkpoint a run continues from. A run that crashed logged steps
+    past it that will now be redone; their records are dropped so that every step appears once.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, resumed_step: int | None = None) -> None:
         self.enabled = enabled
         self.writer = None
         if enabled:
-            self.jsonl = open(run_dir / "metrics.jsonl", "a")
+            path = run_dir / "metrics.jsonl"
+            if resumed_step is not None and path.is_file():
+                _drop_records_after(path, resumed_step)
+            self.jsonl = open(path, "a")
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+                purge = None if resumed_step is None else resumed_step + 1
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
             except ImportError:  # TensorBoard is optional at run time
                 self.writer = None
 
@@ -134,22 +208,39 @@ class RunLog:
                 self.writer.close()
 
 
-def train(cfg: Config, data: str, out: str | Path, *, resume: bool = False, data_root: str | None = None,
+def _drop_records_after(path: Path, global_step: int) -> None:
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["global_step"] <= global_step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the crash
+    atomic_write(path, lambda fh: fh.write("".join(kept).encode()))
+
+
+def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool = False, data_root: str | None = None,
           download: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Pretrain on ``data`` (a folder, an archive or a torchvision dataset name) into the run directory ``out``.
+    """Pretrain on ``data`` (a folder, an archive, a torchvision dataset name or an
+    :class:`~pirl.data.sources.ImageSource`) into the run directory ``out``.
 
     Returns a summary: epochs done, last loss, checkpoint path. With ``resume``, continues from the latest
     checkpoint in ``out`` (the checkpoint's state replaces the freshly initialised one).
     """
-    dinfo = setup_distributed(cfg.train.device)
+    dinfo = setup_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     device = resolve_device(cfg.train.device, dinfo.local_rank)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(out)
+
+    # Open the data first: a bad --data leaves no empty run directory behind.
+    source = data if isinstance(data, ImageSource) else open_source(data, root=data_root, download=download)
     if dinfo.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-
-    source = open_source(data, root=data_root, download=download)
+    if dinfo.world > 1 and device.type == "cuda":  # the other processes look for checkpoints in the run directory
+        dist.barrier(device_ids=[device.index])
+    elif dinfo.world > 1:
+        dist.barrier()
     indices = subset_indices(len(source), cfg.data.subset, cfg.train.seed)
     num_samples = len(indices) if indices is not None else len(source)
     adapt_to_dataset(cfg, num_samples, dinfo.world)
@@ -166,6 +257,7 @@ def train(cfg: Config, data: str, out: str | Path, *, resume: bool = False, data
                                 momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
 
     start_epoch, start_step, global_step, bad_seen = 0, 0, 0, set()
+    ckpt_path: Path | None = None
     if resume:
         path = latest_checkpoint(run_dir)
         if path is None:
@@ -176,12 +268,18 @@ def train(cfg: Config, data: str, out: str | Path, *, resume: bool = False, data
             optimizer.load_state_dict(state["optimizer"])
             start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
             bad_seen = set(state.get("bad_images", []))
+            ckpt_path = path
             torch.set_rng_state(state["rng"]["torch"])
             if dinfo.is_main:
                 print(f"resumed from {path} (epoch {start_epoch}, step {start_step})", flush=True)
+    if global_step == 0 and cfg.loss.bank_init == "features":
+        images = ViewDataset(source, PirlViews(cfg.data, None), cfg.train.seed, indices)
+        method.init_bank_from_features(DataLoader(images, batch_size=sampler.local_batch, num_workers=cfg.data.workers,
+                                                  sampler=[(-1, i) for i in range(num_samples)],
+                                                  worker_init_fn=_worker_init), device)
     if dinfo.is_main:
         (run_dir / "config.json").write_text(json.dumps(
-            {"data": data, "num_samples": num_samples, "config": config_to_dict(cfg)}, indent=2))
+            {"data": data if isinstance(data, str) else source.name, "num_samples": num_samples, "config": config_to_dict(cfg)}, indent=2))
 
     encoder: torch.nn.Module = method.encoder
     use_cuda = device.type == "cuda"
@@ -195,10 +293,10 @@ def train(cfg: Config, data: str, out: str | Path, *, resume: bool = False, data
     amp_dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and cfg.train.amp and amp_dtype == torch.float16)
 
-    log = RunLog(run_dir, dinfo.is_main)
+    log = RunLog(run_dir, dinfo.is_main, global_step if ckpt_path else None)
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = cfg.optim.epochs * steps_per_epoch
-    last_loss, ckpt_path = float("nan"), None
+    last_loss = float("nan")
 
     def checkpoint(epoch: int, step: int) -> Path | None:
         if not dinfo.is_main:
@@ -208,7 +306,9 @@ def train(cfg: Config, data: str, out: str | Path, *, resume: bool = False, data
                  "rng": {"torch": torch.get_rng_state()}, "bad_images": sorted(bad_seen)}
         return save_checkpoint(run_dir, state, epoch, step, cfg.train.keep_checkpoints)
 
+    stop, stopped, bad_names, bar = StopRequest(), None, [], None
     try:
+        stop.install()  # only now: before the first step there is nothing to save, so a signal may end the process
         for epoch in range(start_epoch, cfg.optim.epochs):
             sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
             method.train()
@@ -218,10 +318,11 @@ def train(cfg: Config, data: str, out: str | Path, *, resume: bool = False, data
 
                 bar = tqdm(total=steps_per_epoch, initial=sampler.start_step, desc=f"epoch {epoch + 1}/"
                            f"{cfg.optim.epochs}", unit="step", dynamic_ncols=True, mininterval=1.0)
-            tick, epoch_loss, epoch_steps = time.perf_counter(), 0.0, 0
+            tick, loss_sum, logged_steps = time.perf_counter(), torch.zeros((), device=device), 0
+            epoch_loss, epoch_steps = torch.zeros((), device=device), 0
+            step_in_epoch = sampler.start_step - 1
             for step_in_epoch, batch in enumerate(loader, start=sampler.start_step):
                 bad = batch.pop("bad")
-                bad_seen.update(int(i) for i in bad[bad >= 0])
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 if use_cuda and cfg.train.channels_last:
                     for key in ("image", "rotated"):
@@ -232,56 +333,91 @@ def train(cfg: Config, data: str, out: str | Path, *, resume: bool = False, data
                     group["lr"] = lr
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_cuda and cfg.train.amp):
                     out = method.training_step(batch, global_step, encoder)
-                if not torch.isfinite(out.loss):
-                    message = (f"loss is {out.loss.item()} at epoch {epoch + 1}, step {step_in_epoch + 1} "
-                               f"(global step {global_step + 1})")
+                finite, signum, new_bad = _agree(dinfo.world, out.loss, stop.signum, bad)
+                bad_seen.update(new_bad)
+                if finite:
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(out.loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    method.after_step(out)
+                    loss_sum += out.loss.detach()
+                    epoch_loss += out.loss.detach()
+                    logged_steps += 1
+                    epoch_steps += 1
+                else:
+                    value = out.loss.item()
+                    message = (f"loss is {value if not math.isfinite(value) else 'not finite in another process'} "
+                               f"at epoch {epoch + 1}, step {step_in_epoch + 1} (global step {global_step + 1})")
                     if cfg.train.nonfinite == "stop":
-                        raise PirlError(f"{message}; stopped, the last good checkpoint stays in {run_dir}")
+                        kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path else "no checkpoint yet"
+                        raise PirlError(f"{message}; stopped (train.nonfinite=stop), {kept}")
                     warnings.warn(f"{message}; batch skipped (train.nonfinite=skip)", stacklevel=1)
                     optimizer.zero_grad(set_to_none=True)
-                    global_step += 1
-                    continue
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out.loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                method.after_step(out)
                 global_step += 1
 
-                _check_bad_fraction(cfg, bad_seen, global_step * cfg.optim.batch_size, dataset)
-                if global_step % cfg.train.log_every == 0 or step_in_epoch + 1 == steps_per_epoch:
+                _check_bad_fraction(cfg, bad_seen, num_samples, run_dir)
+                if logged_steps and (global_step % cfg.train.log_every == 0 or step_in_epoch + 1 == steps_per_epoch):
                     now = time.perf_counter()
-                    done = step_in_epoch + 1 - sampler.start_step - epoch_steps
                     last_loss = out.loss.item()
-                    values = {"epoch": epoch + 1, "step": step_in_epoch + 1, "loss": last_loss, "lr": lr,
-                              "images_per_s": done * cfg.optim.batch_size / max(now - tick, 1e-9)}
+                    values = {"epoch": epoch + 1, "step": step_in_epoch + 1, "loss": last_loss,
+                              "loss_mean": (loss_sum / logged_steps).item(), "lr": lr,
+                              "images_per_s": logged_steps * cfg.optim.batch_size / max(now - tick, 1e-9)}
                     values.update({k: float(v) for k, v in out.logs.items()})
                     log.record("train", global_step, values)
-                    epoch_loss += last_loss * done
-                    epoch_steps += done
-                    tick = now
+                    tick, loss_sum, logged_steps = now, torch.zeros((), device=device), 0
                     if bar is not None:
                         bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{values['images_per_s']:.0f}")
                 if bar is not None:
                     bar.update(1)
+                # One process alone reads its own flag at once; several act on the value they agreed on.
+                if signum or (dinfo.world == 1 and stop.signum):
+                    stopped = signal.Signals(signum or stop.signum).name
+                    break
                 every = cfg.train.checkpoint_every_steps
                 if every and global_step % every == 0 and step_in_epoch + 1 < steps_per_epoch:
                     ckpt_path = checkpoint(epoch, step_in_epoch + 1) or ckpt_path
             if bar is not None:
                 bar.close()
+            if stopped and step_in_epoch + 1 < steps_per_epoch:
+                ckpt_path = checkpoint(epoch, step_in_epoch + 1) or ckpt_path
+                break
             start_step = 0
             ckpt_path = checkpoint(epoch + 1, 0) or ckpt_path
-            log.record("epoch", global_step, {"epoch": epoch + 1, "loss": epoch_loss / max(epoch_steps, 1),
+            log.record("epoch", global_step, {"epoch": epoch + 1, "loss": (epoch_loss / max(epoch_steps, 1)).item(),
                                               "bad_images": len(bad_seen)})
+            if stopped:
+                break
     finally:
+        stop.restore()
+        if bar is not None:
+            bar.close()  # before an error message, so that it starts on a line of its own
         log.close()
-    if bad_seen and dinfo.is_main:
-        print(f"skipped {len(bad_seen)} undecodable image(s); their indices are in the checkpoint", flush=True)
+        if dinfo.is_main:  # also when the run stops on too many of them
+            bad_names = _write_bad_images(run_dir, bad_seen, dataset)
+    if bad_names:
+        print(f"skipped {len(bad_names)} undecodable image(s), e.g. {bad_names[0]}; all listed in "
+              f"{run_dir / 'bad_images.txt'}", flush=True)
     return {"epochs": cfg.optim.epochs, "loss": last_loss, "checkpoint": str(ckpt_path) if ckpt_path else None,
-            "run_dir": str(run_dir), "num_samples": num_samples, "bad_images": len(bad_seen)}
+            "run_dir": str(run_dir), "num_samples": num_samples, "bad_images": len(bad_seen), "stopped": stopped}
 
 
-def _check_bad_fraction(cfg: Config, bad: set[int], seen: int, dataset: ViewDataset) -> None:
-    if bad and len(bad) > cfg.data.max_bad_fraction * max(seen, len(dataset) // 10):
-        raise PirlError(f"{len(bad)} of the first {seen} images could not be decoded "
-                        f"(data.max_bad_fraction={cfg.data.max_bad_fraction}); fix or remove them")
+def _check_bad_fraction(cfg: Config, bad: set[int], num_samples: int, run_dir: Path) -> None:
+    """Stop as soon as more than ``data.max_bad_fraction`` of the whole dataset is known to be undecodable."""
+    if len(bad) > cfg.data.max_bad_fraction * num_samples:
+        raise PirlError(f"{len(bad)} of {num_samples} images could not be decoded, more than "
+                        f"data.max_bad_fraction={cfg.data.max_bad_fraction}; fix or remove them (listed in "
+                        f"{run_dir / 'bad_images.txt'}), or raise the limit")
+
+
+def _write_bad_images(run_dir: Path, bad: set[int], dataset: ViewDataset) -> list[str]:
+    """List undecodable files (paths, or indices for in-memory sources) in ``bad_images.txt``; returns them."""
+    if not bad:
+        return []
+    source = dataset.source
+    names = []
+    for pos in sorted(bad):
+        index = dataset.indices[pos] if dataset.indices is not None else pos
+        names.append(str(source.path(index)) if hasattr(source, "path") else f"index {index}")
+    (run_dir / "bad_images.txt").write_text("\n".join(names) + "\n")
+    return names

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -88,6 +90,14 @@ def validate(cfg: Config) -> None:
     from pirl.models.trunk import ARCHS, STEMS
 
     d, m, lo, o, t = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.train
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            key, value = f"{section.name}.{f.name}", getattr(getattr(cfg, section.name), f.name)
+            numbers = value if isinstance(value, (tuple, list)) else (value,)
+            _check(all(math.isfinite(v) for v in numbers if isinstance(v, float)), key, value, "must be finite")
+            # torch and the data pipeline take C integers; the seed feeds 64-bit generators
+            limit = 2**63 if key == "train.seed" else 2**31
+            _check(all(abs(v) < limit for v in numbers if isinstance(v, int)), key, value, "is too large")
     for key, value in (("data.image_size", d.image_size), ("data.jigsaw_crop", d.jigsaw_crop),
                        ("data.patch_size", d.patch_size), ("data.grid", d.grid), ("model.embed_dim", m.embed_dim),
                        ("model.mlp_hidden", m.mlp_hidden), ("optim.epochs", o.epochs),
@@ -113,6 +123,7 @@ def validate(cfg: Config) -> None:
     _choice("model.head", m.head, ("linear", "mlp"))
     _choice("loss.method", lo.method, ("pirl", "npid"))
     _choice("loss.pretext", lo.pretext, ("jigsaw", "rotation", "jigsaw_rotation"))
+    _choice("loss.bank_init", lo.bank_init, ("random", "features"))
     _choice("loss.form", lo.form, ("infonce", "npid_nce", "paper_nce"))
     _check(0 <= lo.lam <= 1, "loss.lam", lo.lam, "must be in [0, 1]")
     _check(lo.temperature > 0, "loss.temperature", lo.temperature, "must be positive")
@@ -122,5 +133,7 @@ def validate(cfg: Config) -> None:
     _check(o.warmup_epochs < o.epochs, "optim.warmup_epochs", o.warmup_epochs, "must be below optim.epochs")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
     _choice("train.nonfinite", t.nonfinite, ("stop", "skip"))
-    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", t.device,
+    _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "train.device", t.device,
            "must be auto, cpu, cuda or cuda:N")
+    _check(t.seed >= 0, "train.seed", t.seed, "must not be negative")
+    _check(t.dist_timeout_s > 0, "train.dist_timeout_s", t.dist_timeout_s, "must be positive")

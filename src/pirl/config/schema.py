@@ -52,6 +52,9 @@ class LossConfig:
     temperature: float = 0.07
     negatives: int = 32000
     bank_momentum: float = 0.5
+    # "random": unit rows from a uniform draw (paper, VISSL); "features": f of the untrained network, one pass
+    # over the data before training, which gives the first epoch meaningful positives on short schedules.
+    bank_init: str = "random"
     exclude_positive: bool = False  # paper: negatives drawn from D \ {I}; VISSL draws from all of D
     share_negatives: bool = False  # one negative set per batch instead of one per sample
 
@@ -80,6 +83,8 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
     keep_checkpoints: int = 2
     nonfinite: str = "stop"  # "stop" or "skip" a batch whose loss is NaN/inf
+    # Under torchrun: a collective waiting this long for a lost process fails instead of hanging.
+    dist_timeout_s: float = 600.0
 
 
 @dataclass
