@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pytest
 import torch
 
 from pirl.config import load_config
@@ -18,7 +17,7 @@ TINY = [
     "data.workers=0", "data.subset=0", "data.image_scale=[0.5,1.0]",
     "model.arch=resnet18", "model.stem=imagenet", "model.embed_dim=16",
     "loss.negatives=16", "optim.batch_size=8", "optim.epochs=2", "optim.warmup_epochs=0",
-    "train.log_every=1", "train.seed=0",
+    "train.log_every=1", "train.seed=0", "train.threads=1",
 ]
 
 
@@ -26,28 +25,7 @@ def tiny_config(*overrides: str):
     return load_config("cpu-quick", [*TINY, *overrides])
 
 
-@pytest.fixture
-def tiny_cfg():
-    return tiny_config()
-
-
 def random_source(n: int = 32, size: int = 16, classes: int = 4, seed: int = 0) -> ArraySource:
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     return ArraySource(images, np.arange(n) % classes)
-
-
-@pytest.fixture
-def tiny_source() -> ArraySource:
-    return random_source()
-
-
-@pytest.fixture
-def cifar_archive() -> str | None:
-    """Path of the shared CIFAR-10 JPEG archive ($PIRL_TEST_CIFAR or ../shared/datasets), or skip."""
-    here = os.path.dirname(__file__)
-    path = os.environ.get("PIRL_TEST_CIFAR") or os.path.join(here, "..", "..", "shared", "datasets",
-                                                             "cifar10-jpeg.tar.gz")
-    if not os.path.isfile(path):
-        pytest.skip("CIFAR-10 archive not available")
-    return path

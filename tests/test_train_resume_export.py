@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import torch
 import torchvision
@@ -22,15 +23,20 @@ def _assert_same(a, b):
 
 def test_resume_from_epoch_k_equals_uninterrupted_run(tmp_path):
     source = random_source(32)
-    train(tiny_config("optim.epochs=3"), source, tmp_path / "full", progress=False)
-    train(tiny_config("optim.epochs=1"), source, tmp_path / "split", progress=False)
-    train(tiny_config("optim.epochs=3"), source, tmp_path / "split", resume=True, progress=False)
+    cfg = tiny_config("optim.epochs=3", "train.keep_checkpoints=10")
+    train(cfg, source, tmp_path / "full", progress=False)
+    # a second run that only has the end-of-epoch-1 checkpoint of the same recipe, as if it had stopped there
+    (tmp_path / "split").mkdir()
+    shutil.copy(tmp_path / "full" / "checkpoint-e0001-s0000000.pt", tmp_path / "split")
+    train(cfg, source, tmp_path / "split", resume=True, progress=False)
     full, split = _final_state(tmp_path / "full"), _final_state(tmp_path / "split")
     _assert_same(full[0], split[0])  # trunk, heads, bank, Z: bit-identical
     assert "bank.memory" in full[0]
-    lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    resumed = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["loss"] for r in lines if r["kind"] == "train"] == [r["loss"] for r in resumed if r["kind"] == "train"]
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+              if '"train"' in x]
+    resumed = [json.loads(x)["loss"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+               if '"train"' in x]
+    assert resumed == losses[-len(resumed):] and len(resumed) == 2 * len(losses) // 3
 
 
 def test_resume_from_a_mid_epoch_checkpoint(tmp_path):

@@ -42,7 +42,7 @@ def test_jigsaw_view_patches_come_from_their_cells():
                              "data.augment=none", "data.mean=[0,0,0]", "data.std=[1,1,1]"]).data
     view = JigsawView(cfg)
     torch.manual_seed(1)
-    patches, order = view(torch.from_numpy(np.asarray(_coordinate_image(60))).permute(2, 0, 1).contiguous())
+    patches, order = view(torch.from_numpy(np.array(_coordinate_image(60))).permute(2, 0, 1).contiguous())
     assert patches.shape == (9, 3, 16, 16)
     for patch, c in zip(patches, order.tolist()):
         x0, y0 = round(float(patch[0, 0, 0]) * 255), round(float(patch[1, 0, 0]) * 255)
@@ -69,7 +69,7 @@ def test_patches_are_augmented_independently():
     cfg = load_config(None, ["data.jigsaw_crop=60", "data.patch_size=16", "data.augment=vissl"]).data
     flat = Image.fromarray(np.full((60, 60, 3), 128, np.uint8))  # identical content in every patch
     torch.manual_seed(0)
-    patches, _ = JigsawView(cfg)(torch.from_numpy(np.asarray(flat)).permute(2, 0, 1).contiguous())
+    patches, _ = JigsawView(cfg)(torch.from_numpy(np.array(flat)).permute(2, 0, 1).contiguous())
     means = {round(float(p.mean()), 3) for p in patches}
     assert len(means) > 3  # colour jitter drawn per patch, not once per puzzle
 

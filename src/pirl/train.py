@@ -27,7 +27,6 @@ from torch.utils.data import DataLoader
 from pirl.checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
 from pirl.config import Config, config_to_dict
 from pirl.data.dataset import EpochSampler, ViewDataset
-from pirl.data.views import PirlViews
 from pirl.data.sources import ImageSource, open_source
 from pirl.errors import PirlError
 from pirl.methods import build_method
@@ -272,11 +271,6 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
             torch.set_rng_state(state["rng"]["torch"])
             if dinfo.is_main:
                 print(f"resumed from {path} (epoch {start_epoch}, step {start_step})", flush=True)
-    if global_step == 0 and cfg.loss.bank_init == "features":
-        images = ViewDataset(source, PirlViews(cfg.data, None), cfg.train.seed, indices)
-        method.init_bank_from_features(DataLoader(images, batch_size=sampler.local_batch, num_workers=cfg.data.workers,
-                                                  sampler=[(-1, i) for i in range(num_samples)],
-                                                  worker_init_fn=_worker_init), device)
     if dinfo.is_main:
         (run_dir / "config.json").write_text(json.dumps(
             {"data": data if isinstance(data, str) else source.name, "num_samples": num_samples, "config": config_to_dict(cfg)}, indent=2))

@@ -123,7 +123,6 @@ def validate(cfg: Config) -> None:
     _choice("model.head", m.head, ("linear", "mlp"))
     _choice("loss.method", lo.method, ("pirl", "npid"))
     _choice("loss.pretext", lo.pretext, ("jigsaw", "rotation", "jigsaw_rotation"))
-    _choice("loss.bank_init", lo.bank_init, ("random", "features"))
     _choice("loss.form", lo.form, ("infonce", "npid_nce", "paper_nce"))
     _check(0 <= lo.lam <= 1, "loss.lam", lo.lam, "must be in [0, 1]")
     _check(lo.temperature > 0, "loss.temperature", lo.temperature, "must be positive")

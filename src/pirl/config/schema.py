@@ -52,9 +52,6 @@ class LossConfig:
     temperature: float = 0.07
     negatives: int = 32000
     bank_momentum: float = 0.5
-    # "random": unit rows from a uniform draw (paper, VISSL); "features": f of the untrained network, one pass
-    # over the data before training, which gives the first epoch meaningful positives on short schedules.
-    bank_init: str = "random"
     exclude_positive: bool = False  # paper: negatives drawn from D \ {I}; VISSL draws from all of D
     share_negatives: bool = False  # one negative set per batch instead of one per sample
 

@@ -6,9 +6,7 @@ loss. The trainer only calls :meth:`Method.training_step` and :meth:`Method.afte
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -104,17 +102,6 @@ class Method(nn.Module):
 
     def training_step(self, batch: dict[str, torch.Tensor], step: int, encoder: nn.Module | None = None) -> StepOutput:
         raise NotImplementedError
-
-    @torch.no_grad()
-    def init_bank_from_features(self, loader: Iterable[dict[str, torch.Tensor]], device: torch.device) -> None:
-        """Fill the bank with unit f-embeddings of the untrained network (``loss.bank_init=features``).
-
-        BatchNorm runs in training mode on a copy of the encoder, so the network's own state is untouched.
-        """
-        encoder = copy.deepcopy(self.encoder).train()
-        for batch in loader:
-            emb = encoder({"f": batch["image"].to(device)})["f"]
-            self.bank.memory[batch["index"].to(device)] = unit(emb)
 
     @torch.no_grad()
     def after_step(self, out: StepOutput) -> None:
