@@ -79,30 +79,35 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint in ``run_dir`` that loads; a damaged newest one is skipped with a warning."""
+def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+    """(path, state) of the newest checkpoint in ``run_dir`` that loads; a damaged one is skipped with a warning."""
     import warnings
 
     for path in reversed(list_checkpoints(Path(run_dir))):
         try:
-            load_checkpoint(path)
-            return path
+            return path, load_checkpoint(path, map_location)
         except PirlError as err:
             warnings.warn(f"skipping damaged checkpoint: {err}", stacklevel=2)
     return None
 
 
-def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
-    """A checkpoint file as given, or the latest loadable checkpoint of a run directory."""
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint in ``run_dir`` that loads."""
+    found = load_latest(run_dir)
+    return found[0] if found else None
+
+
+def open_checkpoint(run_or_checkpoint: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(path, state) of a checkpoint file as given, or of the latest loadable checkpoint of a run directory."""
     path = Path(run_or_checkpoint)
     if path.is_dir():
-        found = latest_checkpoint(path)
+        found = load_latest(path)
         if found is None:
             raise PirlError(f"no checkpoint found in run directory {path}")
         return found
     if not path.exists():
         raise PirlError(f"no such run directory or checkpoint: {path}")
-    return path
+    return path, load_checkpoint(path)
 
 
 def trunk_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -115,7 +120,7 @@ def export(run_or_checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Write ``model.safetensors`` (trunk only, torchvision keys, no ``fc``) and ``config.json`` into ``out_dir``."""
     from pirl.models.trunk import build_trunk, feature_dim
 
-    ckpt = load_checkpoint(resolve_checkpoint(run_or_checkpoint))
+    _, ckpt = open_checkpoint(run_or_checkpoint)
     cfg = ckpt["config"]
     weights = {k: v.contiguous() for k, v in trunk_state_dict(ckpt).items()}
     trunk = build_trunk(cfg["model"]["arch"], cfg["model"]["stem"])

@@ -16,16 +16,16 @@ def _one_line_warnings() -> None:
 
 
 def _train_config(args: argparse.Namespace):
-    from pirl.checkpoint import latest_checkpoint, load_checkpoint
+    from pirl.checkpoint import load_latest
     from pirl.config import load_config
 
     overrides = list(args.overrides)
     for flag, key in (("epochs", "optim.epochs"), ("batch_size", "optim.batch_size"), ("seed", "train.seed")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
-    if args.resume and args.out and (path := latest_checkpoint(args.out)) is not None:
+    if args.resume and args.out and (found := load_latest(args.out)) is not None:
         # The run's own config wins over a preset; explicit overrides (e.g. more epochs) still apply.
-        return load_config(None, overrides, base=load_checkpoint(path)["config"])
+        return load_config(None, overrides, base=found[1]["config"])
     return load_config(args.preset or "cpu-quick", overrides)
 
 

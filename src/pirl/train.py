@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from pirl.checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
+from pirl.checkpoint import atomic_write, load_latest, save_checkpoint
 from pirl.config import Config, config_to_dict
 from pirl.data.dataset import EpochSampler, ViewDataset
 from pirl.data.sources import ImageSource, open_source
@@ -258,17 +258,17 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
     start_epoch, start_step, global_step, bad_seen = 0, 0, 0, set()
     ckpt_path: Path | None = None
     if resume:
-        path = latest_checkpoint(run_dir)
-        if path is None:
+        found = load_latest(run_dir, map_location=device)
+        if found is None:
             warnings.warn(f"--resume: no checkpoint in {run_dir}; starting from scratch", stacklevel=2)
         else:
-            state = load_checkpoint(path, map_location=device)
+            path, state = found
             method.load_state_dict(state["method"])
             optimizer.load_state_dict(state["optimizer"])
             start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
             bad_seen = set(state.get("bad_images", []))
             ckpt_path = path
-            torch.set_rng_state(state["rng"]["torch"])
+            torch.set_rng_state(state["rng"]["torch"].cpu())  # map_location may have moved it to the GPU
             if dinfo.is_main:
                 print(f"resumed from {path} (epoch {start_epoch}, step {start_step})", flush=True)
     if dinfo.is_main:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pirl.checkpoint import load_checkpoint, load_export, resolve_checkpoint, trunk_state_dict
+from pirl.checkpoint import load_export, open_checkpoint, trunk_state_dict
 from pirl.errors import PirlError
 from pirl.models.trunk import build_trunk
 
@@ -47,8 +47,7 @@ def load_model(spec: str | Path, *, random_init: bool = False, seed: int = 0) ->
         arch, stem, size, mean, std = meta["arch"], meta["stem"], meta["input_size"], meta["mean"], meta["std"]
         identity = _file_digest(path / "model.safetensors")
     elif path.exists():
-        ckpt_path = resolve_checkpoint(path)
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt_path, ckpt = open_checkpoint(path)
         cfg = ckpt["config"]
         arch, stem = cfg["model"]["arch"], cfg["model"]["stem"]
         size, mean, std = cfg["data"]["image_size"], cfg["data"]["mean"], cfg["data"]["std"]
