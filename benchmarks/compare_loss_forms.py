@@ -14,41 +14,18 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
+from knn_probe import trunk_knn
 from pirl.config import load_config
-from pirl.data.sources import open_source
-from pirl.eval.features import eval_transform, extract_features
-from pirl.eval.knn import knn_accuracies
-from pirl.eval.models import LabeledImages, load_model
-from pirl.train import train, subset_indices
-
-
-class _Subset(torch.utils.data.Dataset):
-    def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, indices
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.dataset[self.indices[i]]
-
-
-def knn_of_random(run_dir: Path, data: str, n_train: int, n_test: int) -> dict[int, float]:
-    return knn_of(run_dir, data, n_train, n_test, random_init=True)
+from pirl.eval.models import load_model
+from pirl.train import subset_indices, train
 
 
 def knn_of(run_dir: Path, data: str, n_train: int, n_test: int, random_init: bool = False) -> dict[int, float]:
-    model = load_model(run_dir, random_init=random_init)
-    transform = eval_transform(model.input_size, model.mean, model.std)
-    feats = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        source = open_source(data, split=split)
-        ds = LabeledImages(source, transform)
-        feats[split] = extract_features(model.trunk, _Subset(ds, subset_indices(len(ds), n, 123) or range(len(ds))),
-                                        num_workers=1, device="cpu")
-    return knn_accuracies(*feats["train"], *feats["test"], ks=(20, 200))
+    """kNN on seeded random subsets of n_train training and n_test test images."""
+    def seeded(n: int):
+        return lambda length: subset_indices(length, n, 123) or range(length)
+
+    return trunk_knn(load_model(run_dir, random_init=random_init), data, seeded(n_train), seeded(n_test))
 
 
 def main() -> None:
@@ -73,7 +50,8 @@ def main() -> None:
                "train_s": round(time.perf_counter() - start, 1)}
         print(json.dumps(row), flush=True)
         results.append(row)
-    baseline = knn_of_random(Path(args.out) / results[0]["form"], args.data, args.eval_train, args.eval_test)
+    baseline = knn_of(Path(args.out) / results[0]["form"], args.data, args.eval_train, args.eval_test,
+                      random_init=True)
     print(json.dumps({"form": "random_init", "knn_k20": baseline[20], "knn_k200": baseline[200]}), flush=True)
     best = max(results, key=lambda r: r["knn_k200"])
     print(json.dumps({"best": best["form"], "subset": args.subset, "epochs": args.epochs,

@@ -17,24 +17,12 @@ import time
 
 import torch
 
+from knn_probe import trunk_knn
 from pirl.checkpoint import latest_checkpoint, load_checkpoint
 from pirl.config import load_config
 from pirl.data.sources import open_source
-from pirl.eval.features import eval_transform, extract_features
-from pirl.eval.knn import knn_accuracies
-from pirl.eval.models import LabeledImages, load_model
+from pirl.eval.models import load_model
 from pirl.train import subset_indices, train
-
-
-class EveryNth(torch.utils.data.Dataset):
-    def __init__(self, dataset, step: int) -> None:
-        self.dataset, self.step = dataset, step
-
-    def __len__(self) -> int:
-        return (len(self.dataset) + self.step - 1) // self.step
-
-    def __getitem__(self, i):
-        return self.dataset[i * self.step]
 
 
 def bank_leave_one_out(memory: torch.Tensor, labels: torch.Tensor, k: int = 20, temperature: float = 0.07) -> float:
@@ -46,12 +34,8 @@ def bank_leave_one_out(memory: torch.Tensor, labels: torch.Tensor, k: int = 20, 
     return (votes.argmax(1) == labels).float().mean().item()
 
 
-def trunk_knn(model, data: str) -> dict[int, float]:
-    transform = eval_transform(model.input_size, model.mean, model.std)
-    train_set = EveryNth(LabeledImages(open_source(data, split="train"), transform), 5)
-    test_set = EveryNth(LabeledImages(open_source(data, split="test"), transform), 5)
-    return knn_accuracies(*extract_features(model.trunk, train_set, device="cpu"),
-                          *extract_features(model.trunk, test_set, device="cpu"), ks=(20, 200))
+def every_fifth(length: int) -> range:
+    return range(0, length, 5)
 
 
 def main() -> None:
@@ -70,9 +54,10 @@ def main() -> None:
     labels = torch.tensor([source.labels[i] for i in positions])
     memory = load_checkpoint(latest_checkpoint(args.out))["method"]["bank.memory"]
     row = {"overrides": args.overrides, "train_s": round(seconds), "bank_loo_knn20": bank_leave_one_out(memory, labels),
-           "knn": trunk_knn(load_model(args.out), args.data)}
+           "knn": trunk_knn(load_model(args.out), args.data, every_fifth, every_fifth)}
     if args.random:
-        row["knn_random_init"] = trunk_knn(load_model(args.out, random_init=True), args.data)
+        row["knn_random_init"] = trunk_knn(load_model(args.out, random_init=True), args.data, every_fifth,
+                                           every_fifth)
     print(json.dumps(row), flush=True)
 
 

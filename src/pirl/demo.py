@@ -53,7 +53,8 @@ def _scores(trunk: torch.nn.Module, train_src: ArraySource, test_src: ArraySourc
 
 
 def run_demo(out: str | None = None, epochs: int | None = None) -> dict[str, dict[str, float]]:
-    """Train, then print and return {"random_init": {...}, "pirl": {...}} accuracies on held-out digits."""
+    """Train, then print and return {"random_init": {...}, "pirl": {...}} accuracies on held-out digits
+    (only "random_init" when a signal stopped the training)."""
     from pirl.train import train
 
     overrides = DEMO_OVERRIDES + ([f"optim.epochs={epochs}"] if epochs else [])
@@ -65,7 +66,10 @@ def run_demo(out: str | None = None, epochs: int | None = None) -> dict[str, dic
     torch.manual_seed(cfg.train.seed)
     before = _scores(build_trunk(cfg.model.arch, cfg.model.stem), train_src, test_src, cfg)
     start = time.perf_counter()
-    train(cfg, train_src, run_dir)
+    summary = train(cfg, train_src, run_dir)
+    if summary["stopped"]:  # Ctrl-C or SIGTERM: the checkpoint is saved, skip the evaluation
+        print(f"stopped by {summary['stopped']}; checkpoint in {run_dir}")
+        return {"random_init": before}
     from pirl.eval.models import load_model
 
     trained = load_model(run_dir).trunk

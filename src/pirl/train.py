@@ -11,7 +11,6 @@ import datetime
 import json
 import math
 import os
-import random
 import signal
 import threading
 import time
@@ -245,7 +244,6 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
     adapt_to_dataset(cfg, num_samples, dinfo.world)
 
     torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
     method = build_method(cfg, num_samples).to(device)
     dataset = ViewDataset(source, method.views(), cfg.train.seed, indices)
     sampler = EpochSampler(num_samples, cfg.optim.batch_size, cfg.train.seed, dinfo.rank, dinfo.world)
