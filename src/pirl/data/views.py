@@ -83,11 +83,14 @@ class ImageView(_View):
         return self.normalize(self.augment(self.crop(img)))
 
 
-def jigsaw_geometry(crop: int, grid: int, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def jigsaw_geometry(crop: int, grid: int, patch: int,
+                    order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Random patch boxes of a jigsaw: (grid*grid, 2) top-left (y, x) corners, one patch per cell at an integer
-    offset in [0, cell - patch] per axis, listed in a uniformly random order, and that order (cell of each patch)."""
+    offset in [0, cell - patch] per axis, listed in a uniformly random order (or the given ``order``), and that
+    order (cell of each patch)."""
     cell = crop // grid
-    order = torch.randperm(grid * grid)
+    if order is None:
+        order = torch.randperm(grid * grid)
     cells = torch.stack([order // grid, order % grid], dim=1)
     offsets = torch.randint(0, cell - patch + 1, (grid * grid, 2))
     return cells * cell + offsets, order
@@ -95,17 +98,18 @@ def jigsaw_geometry(crop: int, grid: int, patch: int) -> tuple[torch.Tensor, tor
 
 class JigsawView(_View):
     """I^t: an independent RandomResizedCrop(jigsaw_crop, jigsaw_scale), a grid x grid lattice, one patch per cell,
-    the patches shuffled uniformly over all (grid^2)! orders, each augmented on its own. Returns ((9, 3, P, P), order)."""
+    the patches shuffled uniformly over all (grid^2)! orders (or in a given ``order``), each augmented on its own.
+    Returns ((9, 3, P, P), order)."""
 
     def __init__(self, cfg: DataConfig) -> None:
         super().__init__(cfg)
         self.crop = v2.RandomResizedCrop(cfg.jigsaw_crop, scale=tuple(cfg.jigsaw_scale), antialias=True)
         self.augment = photometric(cfg.augment, cfg.patch_size)
 
-    def __call__(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, img: torch.Tensor, order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         puzzle = self.crop(img)
         p = self.cfg.patch_size
-        corners, order = jigsaw_geometry(self.cfg.jigsaw_crop, self.cfg.grid, p)
+        corners, order = jigsaw_geometry(self.cfg.jigsaw_crop, self.cfg.grid, p, order)
         patches = [self.normalize(self.augment(puzzle[:, y:y + p, x:x + p])) for y, x in corners.tolist()]
         return torch.stack(patches), order
 
@@ -113,20 +117,25 @@ class JigsawView(_View):
 class PirlViews:
     """Everything one training sample needs, as a dict of tensors.
 
-    ``image`` (3, S, S) always; with ``pretext``: "jigsaw" adds ``patches`` (9, 3, P, P) and ``order``;
+    ``image`` (3, S, S) unless ``image=False``; with ``pretext``: "jigsaw" adds ``patches`` (9, 3, P, P) and ``order``;
     "rotation" adds ``rotated`` (3, S, S), a second image view turned by ``rotation`` x 90 degrees;
     "jigsaw_rotation" turns the image by ``rotation`` x 90 degrees before cutting the jigsaw.
+
+    ``permutations`` (|T|, 9), for the covariant Jigsaw task: the patches are shuffled by one row of it, drawn
+    uniformly, instead of by any of the 9! orders, and its row index is added as ``permutation``. ``image=False``
+    leaves out the image view (a method that does not use it).
     """
 
-    def __init__(self, cfg: DataConfig, pretext: str | None = "jigsaw") -> None:
-        self.pretext = pretext
+    def __init__(self, cfg: DataConfig, pretext: str | None = "jigsaw", permutations: torch.Tensor | None = None,
+                 image: bool = True) -> None:
+        self.pretext, self.permutations, self.image = pretext, permutations, image
         self.image_view = ImageView(cfg)
         self.jigsaw_view = JigsawView(cfg)
         self.to_tensor = self.image_view.to_tensor
 
     def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
         t = self.to_tensor(img)
-        out = {"image": self.image_view(t)}
+        out = {"image": self.image_view(t)} if self.image else {}
         if self.pretext in ("rotation", "jigsaw_rotation"):
             out["rotation"] = torch.randint(0, 4, ())
             turned = torch.rot90(t, int(out["rotation"]), dims=(-2, -1))
@@ -135,5 +144,9 @@ class PirlViews:
                 return out
             t = turned
         if self.pretext in ("jigsaw", "jigsaw_rotation"):
-            out["patches"], out["order"] = self.jigsaw_view(t)
+            order = None
+            if self.permutations is not None:
+                out["permutation"] = torch.randint(0, len(self.permutations), ())
+                order = self.permutations[out["permutation"]]
+            out["patches"], out["order"] = self.jigsaw_view(t, order)
         return out

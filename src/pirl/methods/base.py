@@ -1,7 +1,11 @@
-"""What every method shares: an encoder (trunk + heads), the memory bank, the loss, the views it trains on.
+"""What every method shares: an encoder (trunk + heads), the views it trains on, and (for PIRL and NPID++) the
+memory bank and its loss.
 
-A method is one short subclass that says which views it needs, builds its heads, and turns embeddings into a
-loss. The trainer only calls :meth:`Method.training_step` and :meth:`Method.after_step`.
+A method is one short subclass that says which views it needs, builds its heads, and turns a batch into a
+loss. :class:`BaseMethod` has no bank (the covariant pretext tasks and the supervised baseline);
+:class:`Method` adds the bank. The trainer only calls :meth:`BaseMethod.training_step`,
+:meth:`BaseMethod.after_step` and :meth:`BaseMethod.parameter_groups`, and checkpoints ``state_dict()``;
+export keeps the ``encoder.trunk.`` weights alone, so every method exports the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pirl import losses
-from pirl.bank import MemoryBank
+from pirl.bank import MemoryBank, build_bank
 from pirl.config.schema import Config
 from pirl.data.views import PirlViews
 from pirl.models.trunk import build_trunk, feature_dim
@@ -66,8 +70,8 @@ class BankLoss(nn.Module):
         return losses.npid_nce(scores, self.temperature, self.log_z, self.num_samples)
 
 
-class Method(nn.Module):
-    """Base of the bank-based methods: builds trunk, bank and loss from the config; subclasses add heads."""
+class BaseMethod(nn.Module):
+    """Base of every method: builds the trunk and the heads from the config; no memory bank (``bank`` is None)."""
 
     name = "base"
     pretext: str | None = None
@@ -78,17 +82,47 @@ class Method(nn.Module):
         self.num_samples = num_samples
         trunk = build_trunk(cfg.model.arch, cfg.model.stem)
         self.encoder = Encoder(trunk, self.build_heads(feature_dim(trunk)))
-        self.bank = MemoryBank(num_samples, cfg.model.embed_dim, cfg.loss.bank_momentum, cfg.train.seed)
-        self.criterion = BankLoss(cfg.loss.form, cfg.loss.temperature, num_samples)
+        self.bank: MemoryBank | None = None  # an instance attribute, so that code can ask ``method.bank is None``
         # set by the trainer under torch.distributed: this rank's rows of the global batch
         self.global_batch: int | None = None
         self.batch_offset = 0
+
+    @classmethod
+    def from_source(cls, cfg: Config, num_samples: int, source) -> "BaseMethod":
+        """Build for a given :class:`~pirl.data.sources.ImageSource`; a method that needs its labels overrides this."""
+        return cls(cfg, num_samples)
 
     def build_heads(self, in_dim: int) -> dict[str, nn.Module]:
         raise NotImplementedError
 
     def views(self) -> PirlViews:
         return PirlViews(self.cfg.data, self.pretext)
+
+    def training_step(self, batch: dict[str, torch.Tensor], step: int, encoder: nn.Module | None = None) -> StepOutput:
+        """The loss of one batch; ``encoder`` is the (possibly DDP-wrapped or compiled) ``self.encoder``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def after_step(self, out: StepOutput) -> None:
+        """Called after the optimizer step; nothing to do without a bank."""
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """SGD groups: weight decay on conv and linear weights only, not on BatchNorm parameters or biases."""
+        decay, no_decay = [], []
+        for p in self.encoder.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Method(BaseMethod):
+    """Base of the bank-based methods (PIRL, NPID++): adds the memory bank and its loss."""
+
+    def __init__(self, cfg: Config, num_samples: int) -> None:
+        super().__init__(cfg, num_samples)
+        self.bank = build_bank(cfg.loss.bank, num_samples, cfg.model.embed_dim, cfg.loss.bank_momentum,
+                               cfg.train.seed)
+        self.criterion = BankLoss(cfg.loss.form, cfg.loss.temperature, num_samples)
 
     def bank_loss(self, emb: torch.Tensor, indices: torch.Tensor, step: int, term: int) -> torch.Tensor:
         """Loss of unit-norm embeddings against their bank rows and freshly drawn negatives (one draw per term)."""
@@ -100,23 +134,20 @@ class Method(nn.Module):
         with torch.autocast(device_type=emb.device.type, enabled=False):  # the loss maths stays in fp32
             return self.criterion(self.bank.score(emb.float(), indices, negatives))
 
-    def training_step(self, batch: dict[str, torch.Tensor], step: int, encoder: nn.Module | None = None) -> StepOutput:
-        raise NotImplementedError
-
     @torch.no_grad()
     def after_step(self, out: StepOutput) -> None:
         """Write the step's image embeddings into the bank (after the scores and the optimizer step)."""
         if out.bank_update is not None:
             self.bank.update(*out.bank_update)
 
-    def parameter_groups(self, weight_decay: float) -> list[dict]:
-        """SGD groups: weight decay on conv and linear weights only, not on BatchNorm parameters or biases."""
-        decay, no_decay = [], []
-        for p in self.encoder.parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 else decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
 
 def unit(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=1)
+
+
+def classification(logits: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+    """Cross-entropy (in fp32, as every loss here) and the batch accuracy, logged as ``acc``."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        loss = F.cross_entropy(logits.float(), targets)
+    acc = (logits.detach().argmax(1) == targets).float().mean()
+    return StepOutput(loss, {"acc": acc})

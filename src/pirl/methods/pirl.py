@@ -19,11 +19,11 @@ class PIRL(Method):
 
     def build_heads(self, in_dim: int) -> dict[str, nn.Module]:
         m = self.cfg.model
-        f = ImageHead(in_dim, m.embed_dim, m.head == "mlp", m.mlp_hidden)
+        f = ImageHead(in_dim, m.embed_dim, m.head == "mlp", m.mlp_hidden, m.head_bn)
         if self.pretext == "rotation":
-            g: nn.Module = ImageHead(in_dim, m.embed_dim, m.head == "mlp", m.mlp_hidden)
+            g: nn.Module = ImageHead(in_dim, m.embed_dim, m.head == "mlp", m.mlp_hidden, m.head_bn)
         else:
-            g = JigsawHead(in_dim, m.embed_dim, self.cfg.data.grid ** 2, m.head == "mlp", m.mlp_hidden)
+            g = JigsawHead(in_dim, m.embed_dim, self.cfg.data.grid ** 2, m.head == "mlp", m.mlp_hidden, m.head_bn)
         return {"f": f, "g": g}
 
     def transformed_input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -61,7 +61,7 @@ class NPID(PIRL):
 
     def build_heads(self, in_dim: int) -> dict[str, nn.Module]:
         m = self.cfg.model
-        return {"f": ImageHead(in_dim, m.embed_dim, m.head == "mlp", m.mlp_hidden)}
+        return {"f": ImageHead(in_dim, m.embed_dim, m.head == "mlp", m.mlp_hidden, m.head_bn)}
 
     def training_step(self, batch, step, encoder=None) -> StepOutput:
         encoder = encoder or self.encoder

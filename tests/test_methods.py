@@ -1,0 +1,222 @@
+"""The baselines beside PIRL/NPID++ (Jigsaw, Rotation, Supervised) and PIRL's rotation pretexts, end to end."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file
+from torch.utils.data import default_collate
+
+from pirl.checkpoint import export, latest_checkpoint, load_checkpoint
+from pirl.config import load_config
+from pirl.data.dataset import ViewDataset
+from pirl.data.sources import ArraySource
+from pirl.data.views import PirlViews
+from pirl.errors import PirlError
+from pirl.methods import METHODS, Jigsaw, Supervised, build_method, hamming_permutations
+from pirl.methods.rotation import rotate_all
+from pirl.train import train
+from tests.conftest import random_source, tiny_config
+
+BASELINES = ("jigsaw", "rotation", "supervised")
+
+
+def _min_distance(perms: torch.Tensor) -> int:
+    d = (perms[:, None] != perms[None]).sum(-1)
+    d.fill_diagonal_(perms.shape[1] + 1)
+    return int(d.min())
+
+
+def test_hamming_permutation_set_is_distinct_far_apart_and_deterministic():
+    perms = hamming_permutations(1000)
+    assert perms.shape == (1000, 9) and perms.dtype == torch.int64
+    assert (perms.sort(1).values == torch.arange(9)).all()  # every row a permutation of the 9 patches
+    assert len({tuple(p) for p in perms.tolist()}) == 1000
+    gen = torch.Generator().manual_seed(0)
+    random_sets = [torch.rand(1000, 9, generator=gen).argsort(1) for _ in range(2)]
+    assert _min_distance(perms) >= 5 > max(_min_distance(r) for r in random_sets)
+    from pirl.methods.jigsaw import _hamming_permutations
+
+    small = hamming_permutations(30)
+    _hamming_permutations.cache_clear()  # recomputed from scratch: the same sets
+    assert torch.equal(small, hamming_permutations(30)) and torch.equal(small, perms[:30])  # greedy: a prefix
+    assert len(hamming_permutations(24, 4).unique(dim=0)) == 24  # grid 2: all 4! orders
+    assert _min_distance(hamming_permutations(20, 16)) > 10  # grid 4: chosen from a random pool
+
+
+def _coordinate_image(size: int) -> torch.Tensor:
+    """R = column, G = row: each pixel names its own position."""
+    ys, xs = np.mgrid[0:size, 0:size]
+    return torch.from_numpy(np.stack([xs, ys, np.zeros_like(xs)], -1).astype(np.uint8))
+
+
+def test_jigsaw_view_applies_exactly_the_permutation_of_its_label():
+    from PIL import Image
+
+    cfg = load_config(None, ["data.jigsaw_crop=60", "data.patch_size=16", "data.jigsaw_scale=[1.0,1.0]",
+                             "data.augment=none", "data.mean=[0,0,0]", "data.std=[1,1,1]"]).data
+    perms = hamming_permutations(10)
+    views = PirlViews(cfg, "jigsaw", permutations=perms, image=False)
+    img = Image.fromarray(_coordinate_image(60).numpy())
+    labels = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        out = views(img)
+        assert "image" not in out
+        label = int(out["permutation"])
+        labels.add(label)
+        assert torch.equal(out["order"], perms[label])
+        for patch, cell in zip(out["patches"], perms[label].tolist()):
+            x0, y0 = round(float(patch[0, 0, 0]) * 255), round(float(patch[1, 0, 0]) * 255)
+            row, col = divmod(cell, 3)
+            assert row * 20 <= y0 <= row * 20 + 4 and col * 20 <= x0 <= col * 20 + 4
+    assert len(labels) >= 6  # drawn over the whole set
+
+
+def test_rotation_labels_match_the_turn_applied():
+    images = torch.randn(3, 3, 8, 8)
+    turned, labels = rotate_all(images)
+    assert turned.shape == (12, 3, 8, 8) and labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    for i in range(12):
+        assert torch.equal(turned[i], torch.rot90(images[i % 3], int(labels[i]), dims=(-2, -1)))
+    corner = torch.zeros(1, 1, 4, 4)
+    corner[..., 0, 3] = 1  # top right
+    turned, _ = rotate_all(corner)
+    assert turned[1, 0, 0, 0] == 1 and turned[2, 0, 3, 0] == 1 and turned[3, 0, 3, 3] == 1  # counter-clockwise
+
+
+def _real_batch(method, n=8):
+    """A batch made by the method's own views from a labelled source, as the trainer would."""
+    dataset = ViewDataset(random_source(n), method.views(), seed=0)
+    return default_collate([dataset[i] for i in range(n)])
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_a_step_gives_a_finite_loss_and_gradients(name, one_thread):
+    cfg = tiny_config(f"loss.method={name}", "loss.permutations=30")
+    method = build_method(cfg, 8, random_source(8))
+    assert method.bank is None and set(method.state_dict()) >= {"encoder.trunk.conv1.weight"}
+    batch = _real_batch(method)
+    batch.pop("bad")
+    out = method.training_step(batch, step=0)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and 0 <= float(out.logs["acc"]) <= 1
+    assert method.encoder.trunk.conv1.weight.grad is not None
+    assert all(p.grad is not None for p in method.encoder.heads.parameters())
+    method.after_step(out)  # nothing to write
+    assert len(method.parameter_groups(1e-4)[0]["params"]) > 0
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny convolutions gain nothing from a second thread, and on a shared machine they lose a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_rotation_learns_a_trivially_learnable_case(one_thread):
+    def banded(n):  # a bright band at the top: the turn is plain to see
+        images = 0.3 * torch.randn(n, 3, 16, 16)
+        images[:, :, :4] += 2.0
+        return images
+
+    torch.manual_seed(0)
+    method = build_method(tiny_config("loss.method=rotation"), 4)
+    images = banded(4)
+    optimizer = torch.optim.SGD(method.parameter_groups(0.0), lr=0.05, momentum=0.9)
+    losses = []
+    for step in range(30):
+        out = method.training_step({"image": images, "index": torch.arange(4)}, step)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    assert losses[0] > 1.0 and sum(losses[-5:]) / 5 < 0.3 * losses[0], losses
+    with torch.no_grad():  # new images (batch statistics, as in training): it learned the turn, not the 4 images
+        assert float(method.training_step({"image": banded(16)}, 30).logs["acc"]) > 0.9
+
+
+def test_supervised_needs_labels():
+    unlabelled = ArraySource(np.zeros((16, 16, 16, 3), np.uint8))
+    cfg = tiny_config("loss.method=supervised")
+    with pytest.raises(PirlError, match="no labels"):
+        build_method(cfg, 16, unlabelled)
+    with pytest.raises(PirlError, match="labelled images"):
+        Supervised(cfg, 16)
+    method = build_method(cfg, 16, random_source(16, classes=3))
+    assert method.encoder.heads["classifier"].out_features == 3
+    batch = {"image": torch.randn(4, 3, 16, 16), "label": torch.tensor([0, 1, -1, 2]), "index": torch.arange(4)}
+    with pytest.raises(PirlError, match="image 2 has no label"):
+        method.training_step(batch, 0)
+
+
+def test_config_choices_cover_every_method_and_check_the_permutation_count():
+    for name in METHODS:
+        assert tiny_config(f"loss.method={name}").loss.method == name
+    with pytest.raises(PirlError, match="loss.method"):
+        tiny_config("loss.method=colorization")
+    for bad in ("loss.permutations=1", "loss.permutations=100001"):
+        with pytest.raises(PirlError, match="loss.permutations"):
+            tiny_config("loss.method=jigsaw", bad)
+    with pytest.raises(PirlError, match=r"loss.permutations=25.*between 2 and 24"):
+        tiny_config("loss.method=jigsaw", "data.grid=2", "data.jigsaw_crop=12", "loss.permutations=25")
+    assert tiny_config("loss.permutations=0").loss.permutations == 0  # ignored by the other methods
+
+
+def test_jigsaw_checkpoint_keeps_its_permutations():
+    cfg = tiny_config("loss.method=jigsaw", "loss.permutations=30")
+    state = Jigsaw(cfg, 8).state_dict()
+    assert torch.equal(state["_extra_state"], hamming_permutations(30))
+    state["_extra_state"] = state["_extra_state"].flip(0)  # as if saved by a version that chose another set
+    method = Jigsaw(cfg, 8)
+    views = method.views()  # built before the resume, as in train()
+    method.load_state_dict(state)
+    assert torch.equal(views.permutations, state["_extra_state"])
+    with pytest.raises(PirlError, match="30 permutations"):
+        Jigsaw(tiny_config("loss.method=jigsaw", "loss.permutations=20"), 8).load_state_dict(state)
+
+
+def _final(run_dir):
+    return load_checkpoint(latest_checkpoint(run_dir))["method"]
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_train_resume_and_export(tmp_path, name):
+    source = random_source(16)
+    cfg = tiny_config(f"loss.method={name}", "optim.epochs=2", "train.keep_checkpoints=10", "loss.permutations=30")
+    train(cfg, source, tmp_path / "full", progress=False)
+    (tmp_path / "split").mkdir()
+    shutil.copy(tmp_path / "full" / "checkpoint-e0001-s0000000.pt", tmp_path / "split")
+    train(cfg, source, tmp_path / "split", resume=True, progress=False)
+    full, split = _final(tmp_path / "full"), _final(tmp_path / "split")
+    assert full.keys() == split.keys() and not any(k.startswith("bank.") for k in full)
+    for key in full:
+        torch.testing.assert_close(full[key], split[key], rtol=0, atol=0, msg=key)
+    rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert all("acc" in r and np.isfinite(r["loss"]) for r in rows if r["kind"] == "train")
+    weights = load_file(export(tmp_path / "full", tmp_path / "exp") / "model.safetensors")
+    model = torchvision.models.resnet18()
+    model.fc = torch.nn.Identity()
+    model.load_state_dict(weights)  # strict: the trunk alone, bare torchvision keys
+    assert json.loads((tmp_path / "exp" / "config.json").read_text())["method"] == name
+
+
+def test_supervised_train_on_unlabelled_data_stops_with_one_line(tmp_path):
+    with pytest.raises(PirlError, match="no labels"):
+        train(tiny_config("loss.method=supervised"), ArraySource(np.zeros((16, 16, 16, 3), np.uint8)),
+              tmp_path / "run", progress=False)
+
+
+@pytest.mark.parametrize("pretext", ["rotation", "jigsaw_rotation"])
+def test_pirl_with_rotation_pretexts_trains(tmp_path, pretext):
+    summary = train(tiny_config(f"loss.pretext={pretext}", "optim.epochs=1"), random_source(16), tmp_path / "run",
+                    progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite(summary["loss"]) and all("loss_transformed" in r for r in rows if r["kind"] == "train")
+    g = "encoder.heads.g.proj.weight" if pretext == "rotation" else "encoder.heads.g.concat_proj.weight"
+    assert g in _final(tmp_path / "run")
