@@ -1,7 +1,14 @@
+import copy
+
+import pytest
 import torch
 import torch.nn.functional as F
 
-from pirl.bank import MemoryBank
+from pirl.bank import INIT_BLOCK, MemoryBank, build_bank, initial_rows
+from pirl.bank_sharded import ShardedMemoryBank
+from pirl.config import load_config
+from pirl.errors import PirlError
+from pirl.sync_bn import AllReduceBatchNorm, convert_sync_batchnorm
 
 
 def test_init_rows_are_unit_vectors_from_a_uniform_draw_and_seeded():
@@ -55,3 +62,119 @@ def test_negatives_of_a_rank_are_its_rows_of_the_global_draw():
     assert not torch.equal(whole, bank.sample_negatives(pos, 30, step=7, term=0))  # and each loss term
     shared = bank.sample_negatives(pos, 30, step=7, term=1, shared=True)
     assert shared.shape == (30,)
+
+
+# --------------------------------------------------------------------------- sharded bank, one process
+
+
+def _shards(n: int, dim: int, world: int, seed: int = 0) -> list[ShardedMemoryBank]:
+    return [ShardedMemoryBank(n, dim, seed=seed, rank=r, world=world) for r in range(world)]
+
+
+def test_blocked_init_draws_any_rows_alone():
+    n = 3 * INIT_BLOCK // 2
+    whole = initial_rows(n, 4, seed=5)
+    assert torch.equal(initial_rows(n, 4, 5, INIT_BLOCK - 3, INIT_BLOCK + 2), whole[INIT_BLOCK - 3:INIT_BLOCK + 2])
+    assert initial_rows(n, 4, 5, 7, 7).shape == (0, 4)
+
+
+def test_shards_own_contiguous_blocks_of_the_replicated_bank():
+    bank = MemoryBank(103, 8, seed=2)
+    shards = _shards(103, 8, 4, seed=2)
+    assert [s.memory.shape[0] for s in shards] == [25, 26, 26, 26]
+    assert torch.equal(torch.cat([s.memory for s in shards]), bank.memory)
+    owners = shards[0].owner(torch.arange(103))
+    assert torch.equal(owners, torch.repeat_interleave(torch.arange(4), torch.tensor([25, 26, 26, 26])))
+    for s in shards:
+        assert (owners[s.start:s.stop] == s.rank).all()
+    tiny = _shards(3, 8, 5)  # fewer rows than processes: some shards are empty
+    assert [s.memory.shape[0] for s in tiny] == [0, 1, 0, 1, 1]
+    assert tiny[0].owner(torch.arange(3)).tolist() == [1, 3, 4]
+
+
+def _simulated_scores(shards, emb, positives, negatives):
+    """Run the sharded score's three steps for every rank in one process, moving the messages by hand."""
+    world, batch = len(shards), emb.shape[0] // len(shards)
+    plans = [s.plan(positives[r * batch:(r + 1) * batch],
+                    negatives[r * batch:(r + 1) * batch])
+             for r, s in enumerate(shards)]
+    sent = [list(torch.split(req, send.tolist())) for req, _, send in plans]  # sent[asker][owner]
+    answers = []
+    for owner, s in enumerate(shards):
+        asked = torch.cat([sent[asker][owner] for asker in range(world)])
+        counts = torch.tensor([len(sent[asker][owner]) for asker in range(world)])
+        answers.append(list(torch.split(s.answer(emb, asked, counts, batch, negatives.shape[-1]), counts.tolist())))
+    return torch.cat([ShardedMemoryBank.unsort(torch.cat([answers[owner][asker] for owner in range(world)]),
+                                               plans[asker][1], batch) for asker in range(world)])
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_simulated_fetch_gives_the_replicated_scores_and_gradients(dense):
+    bank, shards = MemoryBank(61, 8, seed=3), _shards(61, 8, 3, seed=3)
+    for b in [bank, *shards]:
+        b.dense_ratio = 100.0 if dense else 0.0
+    emb = F.normalize(torch.randn(12, 8), dim=1).requires_grad_()
+    pos = torch.randperm(61)[:12]
+    neg = bank.sample_negatives(pos, 20, step=4, term=0, exclude_positive=True)
+    want = bank.score(emb, pos, neg)
+    got = _simulated_scores(shards, emb, pos, neg)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    weights = torch.randn_like(want)
+    (grad_want,) = torch.autograd.grad((want * weights).sum(), emb)
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), emb)
+    torch.testing.assert_close(grad_got, grad_want, rtol=0, atol=1e-6)
+
+
+def test_owners_write_exactly_their_rows_of_the_update():
+    bank, shards = MemoryBank(50, 4, seed=1), _shards(50, 4, 3, seed=1)
+    rows, emb = torch.tensor([0, 16, 17, 33, 49, 5]), F.normalize(torch.randn(6, 4), dim=1)
+    bank.update(rows, emb)
+    for s in shards:
+        s.write_owned(rows, F.normalize(emb, dim=1))  # as update() does before writing
+    assert torch.equal(torch.cat([s.memory for s in shards]), bank.memory)
+
+
+def test_one_process_sharded_bank_is_the_replicated_bank():
+    bank, sharded = MemoryBank(40, 8, seed=0), build_bank("sharded", 40, 8, seed=0)
+    assert isinstance(sharded, ShardedMemoryBank) and sharded.world == 1 and sharded.kind == "sharded"
+    emb = F.normalize(torch.randn(5, 8), dim=1)
+    pos = torch.tensor([1, 2, 3, 4, 39])
+    neg = bank.sample_negatives(pos, 7, step=2, term=1)
+    assert torch.equal(neg, sharded.sample_negatives(pos, 7, step=2, term=1))
+    assert torch.equal(bank.score(emb, pos, neg), sharded.score(emb, pos, neg))
+    bank.update(pos, emb)
+    sharded.update(pos, emb)
+    assert torch.equal(bank.memory, sharded.memory) and torch.equal(sharded.full_memory(), bank.memory)
+    assert sharded.state_dict().keys() == bank.state_dict().keys() == {"memory"}
+
+
+def test_a_shard_loads_its_rows_of_a_full_checkpoint_bank():
+    full = MemoryBank(30, 4, seed=9).memory
+    shard = ShardedMemoryBank(30, 4, seed=0, rank=1, world=2)
+    shard.load_state_dict({"memory": full})
+    assert torch.equal(shard.memory, full[15:])
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        shard.load_state_dict({"memory": full[:20]})
+
+
+def test_bank_kind_is_validated():
+    assert build_bank("replicated", 10, 4).kind == "replicated"
+    with pytest.raises(ValueError, match="unknown bank kind"):
+        build_bank("striped", 10, 4)
+    assert load_config("cpu-quick", ["loss.bank=sharded", "train.sync_bn=true"]).loss.bank == "sharded"
+    with pytest.raises(PirlError, match=r"loss.bank='striped': must be one of replicated, sharded"):
+        load_config("cpu-quick", ["loss.bank=striped"])
+
+
+def test_sync_batchnorm_conversion_keeps_parameters_and_acts_as_batchnorm_alone():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                              torch.nn.BatchNorm1d(64, affine=False))
+    reference = copy.deepcopy(net)
+    params = list(net.parameters())
+    net = convert_sync_batchnorm(net, "cpu")
+    assert isinstance(net[1], AllReduceBatchNorm) and isinstance(net[3], AllReduceBatchNorm)
+    assert all(a is b for a, b in zip(net.parameters(), params))
+    assert net.state_dict().keys() == reference.state_dict().keys()
+    x = torch.randn(6, 3, 6, 6)
+    torch.testing.assert_close(net(x), reference(x))  # one process: plain BatchNorm
+    torch.testing.assert_close(net[1].running_var, reference[1].running_var)

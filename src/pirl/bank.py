@@ -3,7 +3,7 @@
 Negatives are drawn uniformly with replacement (optionally excluding the positive) from a generator reseeded
 from ``(seed, step, term)``, so the draw depends on neither the process count nor where a run was resumed.
 Under ``torch.distributed`` every rank holds the full bank and applies the same all-gathered update, so the
-replicas stay identical.
+replicas stay identical; :mod:`pirl.bank_sharded` splits the rows across ranks instead (``loss.bank=sharded``).
 """
 
 from __future__ import annotations
@@ -11,9 +11,16 @@ from __future__ import annotations
 import hashlib
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from pirl.collectives import all_gather_nograd
+from pirl.collectives import distributed as _distributed
+
+BANK_KINDS = ("replicated", "sharded")
+# Initial rows are drawn in blocks of this many rows, each from its own seed, so that a rank can draw the rows
+# it owns without drawing (and holding) the whole bank.
+INIT_BLOCK = 1 << 16
 
 
 def mix_seed(*parts: int) -> int:
@@ -22,8 +29,19 @@ def mix_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def initial_rows(num_samples: int, dim: int, seed: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rows ``start:stop`` of the initial bank: uniform in [-a, a], a = 1 / sqrt(D / 3), then L2-normalised."""
+    stop = num_samples if stop is None else stop
+    if stop <= start:
+        return torch.empty(0, dim)
+    bound = 1.0 / (dim / 3) ** 0.5
+    blocks = []
+    for block in range(start // INIT_BLOCK, (stop - 1) // INIT_BLOCK + 1):
+        first = block * INIT_BLOCK
+        gen = torch.Generator().manual_seed(mix_seed(seed, 0x8A4C, block))
+        drawn = torch.rand(min(INIT_BLOCK, num_samples - first), dim, generator=gen) * (2 * bound) - bound
+        blocks.append(drawn[max(start - first, 0):stop - first])
+    return F.normalize(torch.cat(blocks), dim=1)
 
 
 class MemoryBank(nn.Module):
@@ -34,21 +52,26 @@ class MemoryBank(nn.Module):
         dim: embedding width D.
         momentum: weight of the old row in ``m <- normalize(momentum * m + (1 - momentum) * f)``.
         seed: the initial rows are uniform in [-a, a], a = 1 / sqrt(D / 3), then L2-normalised (as VISSL),
-            drawn from this seed so that every process starts from the same bank.
+            drawn from this seed so that every process starts from the same bank (:func:`initial_rows`).
     """
 
     # Dense scoring (one B x N x D matmul, then pick columns) beats copying B x K x D gathered rows while
     # N <= dense_ratio * K: on CPU with N = 50,000 and K = 4,096 it cut the step from 1.27x to 1.07x the trunk
     # alone (benchmarks/step.py).
     dense_ratio: float = 16.0
+    kind = "replicated"
 
     def __init__(self, num_samples: int, dim: int = 128, momentum: float = 0.5, seed: int = 0) -> None:
         super().__init__()
         self.num_samples, self.dim, self.momentum, self.seed = num_samples, dim, momentum, seed
-        bound = 1.0 / (dim / 3) ** 0.5
-        gen = torch.Generator().manual_seed(mix_seed(seed, 0x8A4C))
-        rows = torch.rand(num_samples, dim, generator=gen) * (2 * bound) - bound
-        self.register_buffer("memory", F.normalize(rows, dim=1))
+        self.register_buffer("memory", self._initial_memory())
+
+    def _initial_memory(self) -> torch.Tensor:
+        return initial_rows(self.num_samples, self.dim, self.seed)
+
+    def full_memory(self) -> torch.Tensor | None:
+        """The whole N x D bank for a checkpoint. A collective: call it on every rank (None off rank 0 when sharded)."""
+        return self.memory
 
     def sample_negatives(self, positives: torch.Tensor, k: int, step: int, term: int, *, shared: bool = False,
                          exclude_positive: bool = False, global_batch: int | None = None,
@@ -90,11 +113,21 @@ class MemoryBank(nn.Module):
         """
         emb = F.normalize(emb.detach().float(), dim=1)
         if _distributed():
-            world = dist.get_world_size()
-            all_emb = [torch.empty_like(emb) for _ in range(world)]
-            all_idx = [torch.empty_like(indices) for _ in range(world)]
-            dist.all_gather(all_emb, emb)
-            dist.all_gather(all_idx, indices)
-            emb, indices = torch.cat(all_emb), torch.cat(all_idx)
-        mixed = self.momentum * self.memory[indices] + (1 - self.momentum) * emb
-        self.memory.index_copy_(0, indices, F.normalize(mixed, dim=1))
+            emb, indices = all_gather_nograd(emb), all_gather_nograd(indices)
+        self._write(indices, emb)
+
+    def _write(self, rows: torch.Tensor, emb: torch.Tensor) -> None:
+        """``m <- normalize(momentum * m + (1 - momentum) * f)`` for the rows ``rows`` of this process's buffer."""
+        mixed = self.momentum * self.memory[rows] + (1 - self.momentum) * emb
+        self.memory.index_copy_(0, rows, F.normalize(mixed, dim=1))
+
+
+def build_bank(kind: str, num_samples: int, dim: int = 128, momentum: float = 0.5, seed: int = 0) -> MemoryBank:
+    """``kind``: "replicated" (every rank holds all N rows) or "sharded" (rank r holds a contiguous N/W block)."""
+    if kind == "sharded":
+        from pirl.bank_sharded import ShardedMemoryBank
+
+        return ShardedMemoryBank(num_samples, dim, momentum, seed)
+    if kind != "replicated":
+        raise ValueError(f"unknown bank kind {kind!r}; choose one of {', '.join(BANK_KINDS)}")
+    return MemoryBank(num_samples, dim, momentum, seed)

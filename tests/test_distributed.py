@@ -1,0 +1,192 @@
+"""torchrun with 2 CPU processes (gloo) against 1 process with the same global batch: the same losses and bank,
+with the replicated and the sharded bank, and a sharded run's checkpoint resumes in 1 process.
+
+Every random draw is keyed by (seed, step, index), so data and negatives already match; ``train.sync_bn`` makes the
+BatchNorm statistics those of the global batch. The runs agree to rounding: float32 sums in another order, which
+this tiny, ill-conditioned network (16-pixel images, 4-pixel patches) amplifies step by step (run in float64, the
+same runs agree to every digit logged). The tolerances below are about 7x the differences seen, and the control
+run without sync_bn misses them by far. One torchrun launch does all the 2-process work (this file is its entry point).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+from pirl.bank import MemoryBank
+from pirl.bank_sharded import ShardedMemoryBank
+from pirl.checkpoint import list_checkpoints, load_checkpoint
+from pirl.sync_bn import convert_sync_batchnorm
+from pirl.train import setup_distributed, train
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+# 16 images, global batch 8: 2 steps per epoch, 2 epochs. A constant learning rate (final_lr_ratio=1), so that a
+# 1-epoch prefix of a 2-epoch run is a run of its own; a gentle one, so that rounding grows slowly.
+# The small-image stem keeps feature maps above 1x1, where BatchNorm over a few values amplifies rounding most.
+OPTS = ["optim.final_lr_ratio=1.0", "optim.base_lr=0.01", "loss.temperature=0.2", "model.stem=cifar",
+        "train.sync_bn=true"]
+# Seen: losses within 7e-5 (relative), weights, buffers and bank within 4e-4; without sync_bn 1.4% and 0.2.
+LOSS_RTOL = 5e-4
+STATE_ATOL = 3e-3
+
+
+# --------------------------------------------------------------------------- the torchrun side
+
+
+def _check_bank_collectives() -> None:
+    """Sharded scores, gradients, update and checkpoint gather against the replicated bank, on 2 ranks."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(0)
+    n, dim, batch, k = 101, 8, 4, 30
+    emb_all = F.normalize(torch.randn(world * batch, dim, generator=gen), dim=1)
+    pos_all = torch.randperm(n, generator=gen)[:world * batch]
+    mine = slice(rank * batch, (rank + 1) * batch)
+    replicated, sharded = MemoryBank(n, dim, seed=2), ShardedMemoryBank(n, dim, seed=2)
+    assert sharded.memory.shape[0] in (50, 51)
+    for dense in (100.0, 0.0):
+        replicated.dense_ratio = sharded.dense_ratio = dense
+        for shared in (False, True):
+            e_rep = emb_all[mine].clone().requires_grad_()
+            e_sh = emb_all[mine].clone().requires_grad_()
+            neg = replicated.sample_negatives(pos_all[mine], k, 3, 1, shared=shared, exclude_positive=not shared,
+                                              global_batch=world * batch, offset=rank * batch)
+            s_rep = replicated.score(e_rep, pos_all[mine], neg)
+            s_sh = sharded.score(e_sh, pos_all[mine], neg)
+            torch.testing.assert_close(s_sh, s_rep, rtol=0, atol=1e-6)
+            weights = torch.randn(world * batch, 1 + k, generator=gen)[mine]
+            (s_rep * weights).sum().backward()
+            (s_sh * weights).sum().backward()  # gradients come back from the owners
+            torch.testing.assert_close(e_sh.grad, e_rep.grad, rtol=0, atol=1e-5)
+    replicated.update(pos_all[mine], emb_all[mine])
+    sharded.update(pos_all[mine], emb_all[mine])
+    full = sharded.full_memory()
+    if rank == 0:
+        torch.testing.assert_close(full, replicated.memory, rtol=0, atol=0)
+    else:
+        assert full is None
+    fresh = ShardedMemoryBank(n, dim, seed=7)
+    fresh.load_state_dict({"memory": replicated.memory})  # a full checkpoint bank: each rank keeps its rows
+    torch.testing.assert_close(fresh.memory, sharded.memory, rtol=0, atol=0)
+
+
+def _check_sync_batchnorm() -> None:
+    """Two ranks with half a batch each: the forward, gradients and running statistics of one full batch."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, 5, 5, generator=gen) * 3 + 1
+    weights = torch.randn(8, 3, 5, 5, generator=gen)
+    full = torch.nn.BatchNorm2d(3)
+    full.weight.data.uniform_(0.5, 1.5, generator=gen)
+    synced = convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), "cpu")[0]
+    synced.load_state_dict(full.state_dict())
+    x_full, x_half = x.clone().requires_grad_(), x[rank * 4:(rank + 1) * 4].clone().requires_grad_()
+    out_full, out_half = full(x_full), synced(x_half)
+    torch.testing.assert_close(out_half, out_full[rank * 4:(rank + 1) * 4], rtol=1e-5, atol=1e-5)
+    (out_full * weights).sum().backward()
+    (out_half * weights[rank * 4:(rank + 1) * 4]).sum().backward()
+    torch.testing.assert_close(x_half.grad, x_full.grad[rank * 4:(rank + 1) * 4], rtol=1e-4, atol=1e-5)
+    grads = torch.cat([synced.weight.grad, synced.bias.grad])
+    dist.all_reduce(grads)  # as DDP would (it averages; the sum of the local losses is the full batch's)
+    torch.testing.assert_close(grads, torch.cat([full.weight.grad, full.bias.grad]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(synced.running_mean, full.running_mean)
+    torch.testing.assert_close(synced.running_var, full.running_var)
+
+
+def _worker(work: Path) -> None:
+    """Entry point under torchrun: the collective checks, then the 2-process training runs."""
+    setup_distributed("cpu")
+    _check_bank_collectives()
+    _check_sync_batchnorm()
+    data = str(work / "images")
+    train(tiny_config(*OPTS), data, work / "replicated", progress=False)
+    train(tiny_config(*OPTS, "loss.bank=sharded"), data, work / "sharded", progress=False)
+    train(tiny_config(*OPTS, "train.sync_bn=false", "optim.epochs=1"), data, work / "unsynced", progress=False)
+
+
+# --------------------------------------------------------------------------- the pytest side
+
+
+def _losses(run: Path) -> list[float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["kind"] == "train"]
+
+
+def _state(run: Path, name: str | None = None) -> dict[str, torch.Tensor]:
+    path = run / name if name else list_checkpoints(run)[-1]
+    return load_checkpoint(path)["method"]
+
+
+def _assert_states_close(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys() and got["bank.memory"].shape == want["bank.memory"].shape
+    for key in want:
+        torch.testing.assert_close(got[key].float(), want[key].float(), rtol=0, atol=STATE_ATOL, equal_nan=True,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("dist")
+    rng = np.random.default_rng(0)
+    (work / "images").mkdir()
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(work / "images" / f"{i:02d}.png")
+    threads = torch.get_num_threads()
+    try:
+        train(tiny_config(*OPTS), str(work / "images"), work / "one", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "tests.test_distributed", str(work)], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return work
+
+
+def test_two_processes_reproduce_one_process(runs):
+    one, two = _losses(runs / "one"), _losses(runs / "replicated")
+    assert len(one) == len(two) == 4
+    np.testing.assert_allclose(two, one, rtol=LOSS_RTOL)
+    _assert_states_close(_state(runs / "replicated"), _state(runs / "one"))
+    # the control: without sync_bn each process normalises over 4 images, and the runs part at once
+    unsynced = _losses(runs / "unsynced")
+    assert abs(unsynced[0] - one[0]) > 10 * LOSS_RTOL * one[0]
+    first_epoch = _state(runs / "one", "checkpoint-e0001-s0000000.pt")
+    assert (_state(runs / "unsynced")["bank.memory"] - first_epoch["bank.memory"]).abs().max() > 10 * STATE_ATOL
+
+
+def test_sharded_bank_reproduces_the_replicated_bank_under_two_processes(runs):
+    np.testing.assert_allclose(_losses(runs / "sharded"), _losses(runs / "replicated"), rtol=LOSS_RTOL)
+    sharded = _state(runs / "sharded")
+    assert sharded["bank.memory"].shape == (16, 16)  # the checkpoint holds the full bank, gathered on rank 0
+    _assert_states_close(sharded, _state(runs / "replicated"))
+
+
+@pytest.mark.parametrize("bank", ["replicated", "sharded"])
+def test_a_two_process_sharded_checkpoint_resumes_in_one_process(runs, tmp_path, bank):
+    first_epoch = "checkpoint-e0001-s0000000.pt"
+    (tmp_path / "run").mkdir()
+    shutil.copy(runs / "sharded" / first_epoch, tmp_path / "run" / first_epoch)
+    threads = torch.get_num_threads()
+    try:
+        train(tiny_config(*OPTS, f"loss.bank={bank}"), str(runs / "images"), tmp_path / "run", resume=True,
+              progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(_losses(tmp_path / "run"), _losses(runs / "one")[2:], rtol=LOSS_RTOL)
+    _assert_states_close(_state(tmp_path / "run"), _state(runs / "one"))
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))
