@@ -1,17 +1,24 @@
 """Cost of a full PIRL training step against the trunk alone, measured in the same process.
 
 Full step: image and patch batches through the trunk, heads f and g, scores against the memory bank with
-per-sample negatives, loss, backward, SGD step, bank update. Baseline: the same trunk doing forward + backward +
-SGD step on the same image and patch batches (no heads, bank or loss). Prints one JSON line per setting.
+per-sample (or shared) negatives, loss, backward, SGD step, bank update. Baseline: the same trunk doing
+forward + backward + SGD step on the same image and patch batches (no heads, bank or loss). On CUDA both run
+as the trainer runs them: autocast (bf16 where supported, else fp16) and channels_last, unless turned off.
+Prints one JSON line per setting (negatives x shared), with ``ratio`` = full step / trunk alone.
 
     python benchmarks/step.py --arch resnet18 --image-size 64 --patch-size 18 --batch 64 --negatives 4096 32000
+    python benchmarks/step.py --arch resnet50 --image-size 224 --patch-size 64 --batch 256 --device cuda \\
+        --num-samples 1281167 --negatives 4096 32000 --shared off on
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -19,72 +26,127 @@ from pirl.config import load_config
 from pirl.methods import build_method
 
 
-def _time(fn, steps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - start) / steps
+@dataclass
+class Setting:
+    arch: str = "resnet18"
+    stem: str = "imagenet"
+    image: int = 64
+    patch: int = 18
+    batch: int = 64
+    negatives: int = 4096
+    num_samples: int = 50000
+    shared: bool = False
+    device: str = "cpu"
+    amp: bool = True  # CUDA only, as train.amp
+    channels_last: bool = True  # CUDA only, as train.channels_last
 
 
-def measure(arch: str, stem: str, image: int, patch: int, batch: int, negatives: int, num_samples: int,
-            steps: int, shared: bool) -> dict:
-    crop = patch * 3 + 3
-    cfg = load_config(None, [f"model.arch={arch}", f"model.stem={stem}", f"data.image_size={image}",
-                             f"data.patch_size={patch}", f"data.jigsaw_crop={max(crop, 3 * patch)}",
-                             f"loss.negatives={negatives}", f"loss.share_negatives={shared}"])
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_steps(s: Setting) -> tuple[Callable[[], None], Callable[[], None], torch.device]:
+    """(trunk-alone step, full PIRL step, device): closures over one method, batch and two optimizers."""
+    device = torch.device(s.device)
+    cfg = load_config(None, [f"model.arch={s.arch}", f"model.stem={s.stem}", f"data.image_size={s.image}",
+                             f"data.patch_size={s.patch}", f"data.jigsaw_crop={3 * s.patch + 3}",
+                             f"loss.negatives={s.negatives}", f"loss.share_negatives={s.shared}"])
     torch.manual_seed(0)
-    method = build_method(cfg, num_samples)
-    images, patches = torch.randn(batch, 3, image, image), torch.randn(batch, 9, 3, patch, patch)
-    batch_dict = {"image": images, "patches": patches, "index": torch.randint(0, num_samples, (batch,))}
+    method = build_method(cfg, s.num_samples).to(device)
+    images = torch.randn(s.batch, 3, s.image, s.image, device=device)
+    patches = torch.randn(s.batch, 9, 3, s.patch, s.patch, device=device)
+    cuda = device.type == "cuda"
+    if cuda and s.channels_last:  # as train.py: the encoder and the image batches
+        method.encoder.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    batch = {"image": images, "patches": patches,
+             "index": torch.randint(0, s.num_samples, (s.batch,), device=device)}
+    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and s.amp and amp_dtype == torch.float16)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype) if cuda and s.amp else contextlib.nullcontext()
+
     trunk = method.encoder.trunk
     trunk_opt = torch.optim.SGD(trunk.parameters(), lr=1e-3, momentum=0.9)
     full_opt = torch.optim.SGD(method.parameter_groups(1e-4), lr=1e-3, momentum=0.9)
     flat_patches = patches.flatten(0, 1)
 
     def trunk_step() -> None:
-        loss = trunk(flat_patches).sum() + trunk(images).sum()
+        with autocast():
+            loss = trunk(flat_patches).float().sum() + trunk(images).float().sum()
         trunk_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        trunk_opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(trunk_opt)
+        scaler.update()
 
     step = [0]
 
     def full_step() -> None:
-        out = method.training_step(batch_dict, step[0])
+        with autocast():
+            out = method.training_step(batch, step[0])
         full_opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        full_opt.step()
+        scaler.scale(out.loss).backward()
+        scaler.step(full_opt)
+        scaler.update()
         method.after_step(out)
         step[0] += 1
 
-    # interleave the two so that machine noise hits both alike
+    return trunk_step, full_step, device
+
+
+def _time(fn: Callable[[], None], steps: int, device: torch.device, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def measure(s: Setting, steps: int, rounds: int = 3) -> dict:
+    trunk_step, full_step, device = build_steps(s)
+    # interleave the two so that machine noise hits both alike; keep the best of each
     trunk_s, full_s = [], []
-    for _ in range(3):
-        trunk_s.append(_time(trunk_step, steps))
-        full_s.append(_time(full_step, steps))
+    for _ in range(rounds):
+        trunk_s.append(_time(trunk_step, steps, device))
+        full_s.append(_time(full_step, steps, device))
     t, f = min(trunk_s), min(full_s)
-    return {"arch": arch, "stem": stem, "image": image, "patch": patch, "batch": batch, "negatives": negatives,
-            "bank_rows": num_samples, "shared_negatives": shared, "trunk_s": round(t, 4), "pirl_step_s": round(f, 4),
+    cuda = device.type == "cuda"
+    return {"arch": s.arch, "stem": s.stem, "image": s.image, "patch": s.patch, "batch": s.batch,
+            "negatives": s.negatives, "bank_rows": s.num_samples, "shared_negatives": s.shared,
+            "device": torch.cuda.get_device_name(device) if cuda else "cpu", "amp": cuda and s.amp,
+            "channels_last": cuda and s.channels_last, "trunk_s": round(t, 4), "pirl_step_s": round(f, 4),
             "ratio": round(f / t, 3), "threads": torch.get_num_threads()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--arch", default="resnet18", help="resnet18, resnet50, ...")
     parser.add_argument("--stem", default="imagenet")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--patch-size", type=int, default=18)
+    parser.add_argument("--image-size", type=int, default=64, help="paper: 224")
+    parser.add_argument("--patch-size", type=int, default=18, help="paper: 64")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--num-samples", type=int, default=50000, help="memory bank rows")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--shared", action="store_true", help="one negative set per batch")
     parser.add_argument("--negatives", type=int, nargs="+", default=[4096, 32000])
+    parser.add_argument("--shared", nargs="*", choices=["off", "on"], default=["off"],
+                        help="one negative set per batch: off, on, or both (--shared off on); "
+                             "a bare --shared means on")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--no-amp", action="store_true", help="CUDA: no autocast")
+    parser.add_argument("--no-channels-last", action="store_true", help="CUDA: keep NCHW")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round counts")
+    parser.add_argument("--repeats", type=int, dest="rounds", help="alias of --rounds")
     args = parser.parse_args()
-    for k in args.negatives:
-        print(json.dumps(measure(args.arch, args.stem, args.image_size, args.patch_size, args.batch, k,
-                                 args.num_samples, args.steps, args.shared)), flush=True)
+    for shared in (args.shared or ["on"]):
+        for k in args.negatives:
+            s = Setting(args.arch, args.stem, args.image_size, args.patch_size, args.batch, k, args.num_samples,
+                        shared == "on", args.device, not args.no_amp, not args.no_channels_last)
+            print(json.dumps(measure(s, args.steps, args.rounds)), flush=True)
 
 
 if __name__ == "__main__":

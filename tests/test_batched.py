@@ -1,0 +1,181 @@
+"""Batched views on tensors (pirl.data.batched): geometry, permutations, per-patch augmentation, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pirl.config import load_config
+from pirl.data.batched import BatchedViews, DecodeResize, decode_size
+from pirl.data.views import PirlViews
+from pirl.errors import PirlError
+from tests.conftest import random_source, tiny_config
+
+PLAIN = ["data.augment=none", "data.mean=[0,0,0]", "data.std=[1,1,1]"]
+
+
+def _coordinates(height: int, width: int, canvas: int | None = None, edge: bool = False) -> torch.Tensor:
+    """uint8 (3, C, C): R = column, G = row inside the top-left height x width corner; the padding is 255, or
+    the last row and column repeated (``edge``, as DecodeResize pads)."""
+    canvas = canvas or max(height, width)
+    out = torch.full((3, canvas, canvas), 255, dtype=torch.uint8)
+    out[0, :height, :width] = torch.arange(width, dtype=torch.uint8)
+    out[1, :height, :width] = torch.arange(height, dtype=torch.uint8).unsqueeze(1)
+    out[2, :height, :width] = 0
+    if edge:
+        out[:, :height, width:] = out[:, :height, width - 1:width]
+        out[:, height:, :] = out[:, height - 1:height, :]
+    return out
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("pretext", [None, "jigsaw", "rotation", "jigsaw_rotation"])
+@pytest.mark.parametrize("augment", ["none", "light", "vissl", "simclr_blur"])
+def test_shapes_and_dtypes_for_every_pretext_and_augmentation(pretext, augment):
+    cfg = load_config("cpu-quick", [f"data.augment={augment}", "data.image_size=24", "data.jigsaw_crop=21",
+                                    "data.patch_size=6"]).data
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    sizes = torch.tensor([[32, 32], [20, 32], [5, 12]])
+    out = BatchedViews(cfg, pretext)(images, sizes, _gen())
+    assert out["image"].shape == (3, 3, 24, 24) and out["image"].dtype == torch.float32
+    if pretext in ("jigsaw", "jigsaw_rotation"):
+        assert out["patches"].shape == (3, 9, 3, 6, 6) and out["order"].shape == (3, 9)
+    if pretext in ("rotation", "jigsaw_rotation"):
+        assert out["rotation"].shape == (3,) and set(out["rotation"].tolist()) <= {0, 1, 2, 3}
+    if pretext == "rotation":
+        assert out["rotated"].shape == (3, 3, 24, 24)
+    assert all(torch.isfinite(v.float()).all() for v in out.values())
+    # a float batch in [0, 1] gives the same views as its uint8 original
+    again = BatchedViews(cfg, pretext)(images.float() / 255, sizes, _gen())
+    for key in out:
+        torch.testing.assert_close(again[key], out[key], rtol=0, atol=1e-5)
+
+
+def test_each_patch_comes_from_its_own_cell_of_the_unpadded_image():
+    cfg = load_config(None, ["data.jigsaw_crop=60", "data.patch_size=16", "data.jigsaw_scale=[1.0,1.0]", *PLAIN]).data
+    images = _coordinates(60, 60, canvas=80).expand(6, 3, 80, 80)  # padding must never show up
+    out = BatchedViews(cfg, "jigsaw")(images, torch.tensor([[60, 60]] * 6), _gen(1))
+    seen = set()
+    for patches, order in zip(out["patches"], out["order"]):
+        assert sorted(order.tolist()) == list(range(9))
+        for patch, c in zip(patches, order.tolist()):
+            x0, y0 = round(float(patch[0, 0, 0]) * 255), round(float(patch[1, 0, 0]) * 255)
+            row, col = divmod(c, 3)
+            assert row * 20 <= y0 <= row * 20 + 4 and col * 20 <= x0 <= col * 20 + 4
+            seen.add((x0 - col * 20, y0 - row * 20))
+            # a contiguous P x P window of the puzzle, upright
+            ramp = torch.arange(16) / 255
+            torch.testing.assert_close(patch[0], (x0 / 255 + ramp).expand(16, 16), rtol=0, atol=1e-6)
+            torch.testing.assert_close(patch[1], (y0 / 255 + ramp).unsqueeze(1).expand(16, 16), rtol=0, atol=1e-6)
+    assert len(seen) > 20  # offsets vary per patch (5 x 5 possible)
+
+
+def test_permutations_are_valid_and_uniform_and_offsets_cover_the_range():
+    cfg = load_config(None, ["data.jigsaw_crop=15", "data.patch_size=4", "data.image_size=8",
+                             "data.jigsaw_scale=[1.0,1.0]", *PLAIN]).data
+    n = 1800
+    out = BatchedViews(cfg, "jigsaw")(_coordinates(15, 15).expand(n, 3, 15, 15), None, _gen(2))
+    order = out["order"]
+    assert torch.equal(order.sort(1).values, torch.arange(9).expand(n, 9))
+    counts = torch.zeros(9, 9)  # position x cell
+    counts.index_put_((torch.arange(9).expand(n, 9).flatten(), order.flatten()), torch.ones(9 * n), accumulate=True)
+    assert (counts - n / 9).abs().max() < 60  # expected 200 each, sd about 13
+    assert len({tuple(r) for r in order.tolist()}) > n - 20  # 9! orders: repeats are rare
+    corner = (out["patches"][:, :, :2, 0, 0] * 255).round().long()  # (x, y) of each patch
+    cells = torch.stack([order % 3, order // 3], 2) * 5
+    assert set((corner - cells).flatten().tolist()) == {0, 1}  # offsets 0 .. cell - patch
+
+
+def test_per_patch_augmentation_is_independent_across_patches():
+    cfg = load_config(None, ["data.jigsaw_crop=30", "data.patch_size=8", "data.image_size=16",
+                             "data.augment=light", "data.mean=[0,0,0]", "data.std=[1,1,1]"]).data
+    flat = torch.full((400, 3, 30, 30), 128, dtype=torch.uint8)  # on grey only brightness changes a patch
+    patches = BatchedViews(cfg, "jigsaw")(flat, None, _gen(3))["patches"]
+    level = patches.mean((2, 3, 4))  # (B, 9)
+    assert level.std() > 0.05
+    # the level of one patch says nothing about another's in the same puzzle
+    corr = torch.corrcoef(torch.stack([level[:, 0], level[:, 1], level[:, 5]]))
+    assert corr[0, 1].abs() < 0.2 and corr[0, 2].abs() < 0.2
+    # and the spread inside a puzzle is the spread across puzzles
+    assert 0.8 < float(level.std(1).mean() / level[:, 0].std()) < 1.2
+    # flips are per patch too: on a coordinate image, some patches are mirrored and some are not
+    coords = load_config(None, ["data.jigsaw_crop=30", "data.patch_size=8", "data.image_size=16",
+                                "data.augment=light", "data.mean=[0,0,0]", "data.std=[1,1,1]"]).data
+    out = BatchedViews(coords, "jigsaw")(_coordinates(30, 30).expand(4, 3, 30, 30), None, _gen(4))["patches"]
+    gray = out.std(2).amax((2, 3)) < 1e-6  # grayscale made R = G = B
+    rising = out[:, :, 0, 0, -1] > out[:, :, 0, 0, 0]
+    assert rising[~gray].any() and (~rising[~gray]).any()
+
+
+def test_seeded_generator_is_deterministic_and_the_global_batch_splits_like_one_process():
+    cfg = load_config("cpu-quick", ["data.augment=vissl"]).data
+    images = torch.randint(0, 256, (4, 3, 70, 70), dtype=torch.uint8)
+    views = BatchedViews(cfg, "jigsaw")
+    a, b, c = views(images, None, _gen(5)), views(images, None, _gen(5)), views(images, None, _gen(6))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert not torch.equal(a["image"], c["image"]) and not torch.equal(a["order"], c["order"])
+    # two "processes" with 2 samples each draw exactly what one process drew for all 4
+    halves = [views(images[r * 2:(r + 1) * 2], None, _gen(5), global_batch=4, offset=r * 2) for r in (0, 1)]
+    for key in a:
+        torch.testing.assert_close(torch.cat([h[key] for h in halves]), a[key], rtol=0, atol=1e-6)
+
+
+def test_rotated_view_is_the_view_of_the_turned_image():
+    # scale 1 with a ratio out of range: RandomResizedCrop falls back to its (deterministic) central crop
+    cfg = load_config(None, ["data.image_size=24", "data.image_scale=[1.0,1.0]", *PLAIN]).data
+    images, sizes = _coordinates(40, 60, canvas=64, edge=True).expand(8, 3, 64, 64), torch.tensor([[40, 60]] * 8)
+    out = BatchedViews(cfg, "rotation")(images, sizes, _gen(7))
+    upright = BatchedViews(cfg, None)(images, sizes, _gen(0))["image"]
+    assert set(out["rotation"].tolist()) == {0, 1, 2, 3}
+    for i, k in enumerate(out["rotation"].tolist()):
+        turned = torch.rot90(images[i, :, :40, :60], k, dims=(-2, -1))
+        h, w = turned.shape[-2:]
+        want = BatchedViews(cfg, None)(turned.unsqueeze(0), torch.tensor([[h, w]]), _gen(0))["image"][0]
+        torch.testing.assert_close(out["rotated"][i], want, rtol=0, atol=1e-4)
+        if k == 0:
+            torch.testing.assert_close(out["rotated"][i], upright[i], rtol=0, atol=1e-5)
+
+
+def test_permutation_set_and_no_image_follow_the_per_sample_views():
+    cfg = load_config("cpu-quick", ["data.augment=none"]).data
+    perms = torch.stack([torch.arange(9), torch.arange(9).flip(0)])
+    batched = BatchedViews.like(PirlViews(cfg, "jigsaw", permutations=perms, image=False))
+    out = batched(torch.randint(0, 256, (16, 3, 70, 70), dtype=torch.uint8), None, _gen(8))
+    assert "image" not in out and set(out["permutation"].tolist()) == {0, 1}
+    assert torch.equal(out["order"], perms[out["permutation"]])
+
+
+def test_decode_resize_keeps_the_aspect_and_pads_with_the_edge():
+    cfg = load_config("cpu-quick", []).data
+    size = decode_size(cfg)
+    arr = np.zeros((30, 60, 3), np.uint8)
+    arr[:, -1] = 200
+    arr[-1, :] = 100
+    out = DecodeResize(cfg)(Image.fromarray(arr))
+    h, w = out["size"].tolist()
+    assert out["image"].shape == (3, size, size) and out["image"].dtype == torch.uint8
+    assert w == size and h == round(30 * size / 60)
+    assert torch.equal(out["image"][:, h:, :], out["image"][:, h - 1:h, :].expand(3, size - h, size))
+
+
+def test_gpu_views_option_is_validated_and_off_by_default():
+    assert load_config(None, []).data.gpu_views is False
+    assert load_config(None, ["data.gpu_views=true"]).data.gpu_views is True
+    with pytest.raises(PirlError, match="gpu_views"):
+        load_config(None, ["data.gpu_views=maybe"])
+
+
+def test_training_with_batched_views_runs(tmp_path, monkeypatch):
+    """The data.gpu_views path of the trainer, forced on the CPU (it is ignored there otherwise)."""
+    import pirl.train as train_module
+
+    monkeypatch.setattr(train_module, "_gpu_views", lambda cfg, device, views: BatchedViews.like(views))
+    summary = train_module.train(tiny_config("optim.epochs=1", "data.gpu_views=true"), random_source(32),
+                                 tmp_path, progress=False)
+    assert np.isfinite(summary["loss"]) and summary["checkpoint"]
