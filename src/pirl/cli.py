@@ -42,7 +42,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise PirlError("pirl train needs --data PATH and --out DIR")
     from pirl.train import train
 
-    summary = train(cfg, args.data, args.out, resume=args.resume, data_root=args.data_root, download=args.download)
+    summary = train(cfg, args.data, args.out, resume=args.resume, data_root=args.data_root, download=args.download,
+                    val_data=args.val_data)
     print(json.dumps(summary))
     if summary.get("stopped"):
         if summary.get("checkpoint"):  # the main process; the others have nothing to add
@@ -69,12 +70,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pirl.eval.commands import evaluate
+    from pirl.eval.commands import evaluate, summary
 
     result = evaluate(args.kind, args.model, args.data, args.val_data, random_init=args.random_init,
                       stage=args.stage, batch_size=args.batch_size, workers=args.workers,
-                      data_root=args.data_root, out=args.out)
-    print(json.dumps(result))
+                      data_root=args.data_root, out=args.out, seed=args.seed, shots=args.shots, seeds=args.seeds,
+                      fraction=args.fraction, epochs=args.epochs, lr=args.lr, device=args.device,
+                      images=args.images, space=args.space, queries=args.queries, k=args.k)
+    print(json.dumps(summary(result)))  # the last line of output: one JSON object
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pirl.eval.report import write_report
+
+    summary = write_report(args.runs, args.out, args.title)
+    print(f"wrote {summary['report']}: {summary['runs']} run(s), {summary['evaluations']} evaluation(s), "
+          f"{summary['images']} image(s)")
     return 0
 
 
@@ -88,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="image folder (class subfolders optional), .tar/.tar.gz/.zip of one, "
                                   "or cifar10 | cifar100 | stl10 | stl10-unlabeled | imagenet")
     t.add_argument("--out", help="run directory: checkpoints, metrics.jsonl, tensorboard/")
+    t.add_argument("--val-data", help="labelled images for the online kNN monitor (default: the test split of "
+                                      "--data, or a held-out slice of it, when --data has labels)")
     t.add_argument("--preset", help="imagenet-r50 | cifar10-r18 | cpu-quick (default) | path/to/config.yaml")
     t.add_argument("--epochs", type=int, help="shortcut for optim.epochs")
     t.add_argument("--batch-size", type=int, help="global batch size; shortcut for optim.batch_size")
@@ -104,18 +118,44 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="export directory")
     e.set_defaults(func=cmd_export)
 
-    v = sub.add_parser("eval", help="evaluate a trunk on labelled data with frozen features")
-    v.add_argument("kind", choices=["knn", "linear"])
-    v.add_argument("--model", required=True, help="export directory, run directory or checkpoint")
+    v = sub.add_parser("eval", help="evaluate a trunk: knn, linear, lowshot, finetune, invariance, retrieval",
+                       description="Evaluate a trunk on labelled images. The last line of output is a one-line JSON "
+                                   "summary (accuracies as fractions); --out also writes the full JSON (and PNGs).")
+    v.add_argument("kind", choices=["knn", "linear", "lowshot", "finetune", "invariance", "retrieval"])
+    v.add_argument("--model", required=True, action="append",
+                   help="export directory, run directory or checkpoint (invariance: repeat to compare models)")
     v.add_argument("--data", required=True, help="labelled training images (folder, archive or dataset name)")
     v.add_argument("--val-data", help="labelled test images (default: the test/val split of --data)")
-    v.add_argument("--out", help="directory for the result JSON")
-    v.add_argument("--random-init", action="store_true", help="evaluate the same architecture at random init")
-    v.add_argument("--stage", default="pool", choices=["conv1", "res2", "res3", "res4", "res5", "pool"])
-    v.add_argument("--batch-size", type=int, default=256)
+    v.add_argument("--out", help="directory for the result JSON (and the invariance / retrieval PNG)")
+    v.add_argument("--random-init", action="store_true",
+                   help="evaluate the same architecture at random init (invariance: add it to the plot)")
+    v.add_argument("--stage", default="pool", choices=["conv1", "res2", "res3", "res4", "res5", "pool", "all"],
+                   help="feature layer; 'all' (linear only): one probe per layer, best reported")
+    v.add_argument("--batch-size", type=int, default=256, help="feature batch; finetune: the SGD batch")
     v.add_argument("--workers", type=int, default=2)
     v.add_argument("--data-root", help="where torchvision datasets live")
+    v.add_argument("--seed", type=int, default=0, help="seed of random init, subsets, queries and transforms")
+    v.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 96],
+                   help="lowshot: labelled training images per class")
+    v.add_argument("--seeds", type=int, default=5, help="lowshot: samples per shot count")
+    v.add_argument("--fraction", type=float, default=0.1, help="finetune: labelled fraction of the training split")
+    v.add_argument("--epochs", type=int, default=70, help="finetune: epochs (lr x0.1 at 3/7 of them)")
+    v.add_argument("--lr", type=float, default=None, help="finetune: learning rate (default 0.01 x batch / 256)")
+    v.add_argument("--device", default="auto", help="finetune, invariance: auto | cpu | cuda | cuda:N")
+    v.add_argument("--images", type=int, default=1000, help="invariance: test images to measure")
+    v.add_argument("--space", default="auto", choices=["auto", "heads", "trunk"],
+                   help="invariance: f/g heads (runs with a g head) or pooled trunk features")
+    v.add_argument("--queries", type=int, default=8, help="retrieval: test images to query")
+    v.add_argument("--k", type=int, default=8, help="retrieval: neighbours per query")
     v.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("report", help="one offline HTML page comparing runs: config, curves, evaluations",
+                       description="Collect config.json, metrics.jsonl, RUN/eval/*.json (and *.json in RUN) and "
+                                   "RUN/eval/**/*.png of each run into one self-contained HTML file.")
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("--out", default="report.html", help="HTML file to write (default: report.html)")
+    r.add_argument("--title", help="page title (default: the run names)")
+    r.set_defaults(func=cmd_report)
 
     d = sub.add_parser("demo", help="offline demo on scikit-learn's digits: kNN accuracy before vs after PIRL")
     d.add_argument("--out", default=None, help="run directory (default: a temporary one)")

@@ -25,10 +25,14 @@ from torch.utils.data import DataLoader
 
 from pirl.checkpoint import atomic_write, load_latest, save_checkpoint
 from pirl.config import Config, config_to_dict
+from pirl.bank import mix_seed
+from pirl.data.batched import BatchedViews, DecodeResize
 from pirl.data.dataset import EpochSampler, ViewDataset
 from pirl.data.sources import ImageSource, open_source
 from pirl.errors import PirlError
+from pirl.eval.monitor import plan_monitor, start_monitor
 from pirl.methods import build_method
+from pirl.sync_bn import convert_sync_batchnorm
 
 
 @dataclass
@@ -145,25 +149,71 @@ class StopRequest:
         self.signum = self.signum or signum
 
 
-def _agree(world: int, loss: torch.Tensor, signum: int, bad: torch.Tensor) -> tuple[bool, int, list[int]]:
+def _gpu_views(cfg: Config, device: torch.device, views: Any) -> BatchedViews | None:
+    """``data.gpu_views``: the batched twin of the method's views, made on the GPU (None: the DataLoader makes
+    the views, the default)."""
+    if not cfg.data.gpu_views:
+        return None
+    if device.type != "cuda":
+        warnings.warn("data.gpu_views applies on CUDA only; the DataLoader makes the views", stacklevel=2)
+        return None
+    batched = BatchedViews.like(views)
+    if batched is None:
+        warnings.warn(f"data.gpu_views: no batched form of {type(views).__name__}; the DataLoader makes the views",
+                      stacklevel=2)
+    return batched
+
+
+class _Agreement:
     """(loss finite everywhere, signal any process received, undecodable indices found by any process).
 
     Every process must skip the same batches and stop at the same step, or the others would wait in a
     collective forever: one all_reduce of three numbers per step, plus an all_gather in the rare step with
-    undecodable images.
+    undecodable images. Started right after the forward pass, without a host read: on CUDA the flags are copied
+    to pinned memory behind a CUDA event, and :meth:`result` is called once the backward pass is queued, so the
+    host waits for this step's forward pass only and the GPU never runs dry (reading the flags before queuing the
+    backward, as before, idled the GPU for that time every step).
     """
-    finite = torch.isfinite(loss.detach())
-    if world == 1:
-        return bool(finite), signum, bad[bad >= 0].tolist()
-    flags = torch.stack([(~finite).float(), loss.new_tensor(float(signum)), loss.new_tensor(float((bad >= 0).any()))])
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    nonfinite, signum_any, any_bad = flags.tolist()
-    if any_bad:
-        local = bad.to(loss.device)
-        parts = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(parts, local)
-        bad = torch.cat(parts).cpu()
-    return not nonfinite, int(signum_any), bad[bad >= 0].tolist()
+
+    def __init__(self, world: int, loss: torch.Tensor, signum: int, bad: torch.Tensor) -> None:
+        self.world, self.loss, self.bad = world, loss, bad
+        nonfinite = (~torch.isfinite(loss.detach())).float()
+        # new_full is a fill on the device, not a host-to-device copy (which would wait for the GPU)
+        flags = torch.stack([nonfinite, nonfinite.new_full((), float(signum)),
+                             nonfinite.new_full((), float((bad >= 0).any()))])
+        if world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # NCCL: queued on the GPU, the host goes on
+        self.event = None
+        if flags.is_cuda:
+            self.flags = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            self.flags.copy_(flags, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.flags = flags
+
+    def result(self) -> tuple[bool, int, list[int]]:
+        if self.event is not None:
+            self.event.synchronize()
+        nonfinite, signum_any, any_bad = self.flags.tolist()
+        bad = self.bad
+        if any_bad and self.world > 1:
+            local = bad.to(self.loss.device)
+            parts = [torch.empty_like(local) for _ in range(self.world)]
+            dist.all_gather(parts, local)
+            bad = torch.cat(parts).cpu()
+        return not nonfinite, int(signum_any), bad[bad >= 0].tolist()
+
+
+def _mean_over_ranks(world: int, values: dict[str, Any], device: torch.device) -> dict[str, float]:
+    """Each scalar averaged over the processes: with equal local batches, the value one process would log for
+    the global batch. A collective (one all_reduce) when ``world > 1``."""
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(())
+                           for v in values.values()])
+    if world > 1:
+        dist.all_reduce(stacked)
+        stacked /= world
+    return dict(zip(values, stacked.tolist()))
 
 
 class RunLog:
@@ -218,9 +268,11 @@ def _drop_records_after(path: Path, global_step: int) -> None:
 
 
 def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool = False, data_root: str | None = None,
-          download: bool = False, progress: bool = True) -> dict[str, Any]:
+          download: bool = False, progress: bool = True, val_data: str | ImageSource | None = None) -> dict[str, Any]:
     """Pretrain on ``data`` (a folder, an archive, a torchvision dataset name or an
     :class:`~pirl.data.sources.ImageSource`) into the run directory ``out``.
+
+    ``val_data``: labelled images for the online kNN monitor (see :mod:`pirl.eval.monitor`).
 
     Returns a summary: epochs done, last loss, checkpoint path. With ``resume``, continues from the latest
     checkpoint in ``out`` (the checkpoint's state replaces the freshly initialised one).
@@ -233,6 +285,8 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
 
     # Open the data first: a bad --data leaves no empty run directory behind.
     source = data if isinstance(data, ImageSource) else open_source(data, root=data_root, download=download)
+    knn_plan = plan_monitor(cfg, source, data if isinstance(data, str) else None, val_data, root=data_root,
+                            download=download)
     if dinfo.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     if dinfo.world > 1 and device.type == "cuda":  # the other processes look for checkpoints in the run directory
@@ -242,10 +296,15 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
     indices = subset_indices(len(source), cfg.data.subset, cfg.train.seed)
     num_samples = len(indices) if indices is not None else len(source)
     adapt_to_dataset(cfg, num_samples, dinfo.world)
+    monitor = start_monitor(knn_plan, cfg, indices, device, dinfo.rank, dinfo.world)
 
     torch.manual_seed(cfg.train.seed)
-    method = build_method(cfg, num_samples).to(device)
-    dataset = ViewDataset(source, method.views(), cfg.train.seed, indices)
+    method = build_method(cfg, num_samples, source).to(device)  # the source: Supervised reads its labels
+    if cfg.train.sync_bn and dinfo.world > 1:  # the same parameters in new modules: before the optimizer is built
+        method.encoder = convert_sync_batchnorm(method.encoder, device.type)
+    views = method.views()
+    gpu_views = _gpu_views(cfg, device, views)
+    dataset = ViewDataset(source, DecodeResize(cfg.data) if gpu_views else views, cfg.train.seed, indices)
     sampler = EpochSampler(num_samples, cfg.optim.batch_size, cfg.train.seed, dinfo.rank, dinfo.world)
     method.global_batch, method.batch_offset = cfg.optim.batch_size, dinfo.rank * sampler.local_batch
     loader = DataLoader(dataset, batch_size=sampler.local_batch, sampler=sampler, num_workers=cfg.data.workers,
@@ -256,7 +315,8 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
     start_epoch, start_step, global_step, bad_seen = 0, 0, 0, set()
     ckpt_path: Path | None = None
     if resume:
-        found = load_latest(run_dir, map_location=device)
+        # Into CPU memory: load_state_dict copies to the device, and a sharded bank keeps only its rows of the full one.
+        found = load_latest(run_dir, map_location="cpu")
         if found is None:
             warnings.warn(f"--resume: no checkpoint in {run_dir}; starting from scratch", stacklevel=2)
         else:
@@ -266,12 +326,14 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
             start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
             bad_seen = set(state.get("bad_images", []))
             ckpt_path = path
-            torch.set_rng_state(state["rng"]["torch"].cpu())  # map_location may have moved it to the GPU
+            torch.set_rng_state(state["rng"]["torch"].cpu())  # the CPU generator's state, whatever map_location
             if dinfo.is_main:
                 print(f"resumed from {path} (epoch {start_epoch}, step {start_step})", flush=True)
     if dinfo.is_main:
         (run_dir / "config.json").write_text(json.dumps(
-            {"data": data if isinstance(data, str) else source.name, "num_samples": num_samples, "config": config_to_dict(cfg)}, indent=2))
+            {"data": data if isinstance(data, str) else source.name, "num_samples": num_samples,
+             "config": config_to_dict(cfg),
+             "val_data": val_data if val_data is None or isinstance(val_data, str) else val_data.name}, indent=2))
 
     encoder: torch.nn.Module = method.encoder
     use_cuda = device.type == "cuda"
@@ -291,10 +353,16 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
     last_loss = float("nan")
 
     def checkpoint(epoch: int, step: int) -> Path | None:
+        # The full bank, whatever its kind: a run resumes with either kind and any number of processes.
+        bank = getattr(method, "bank", None)
+        full_bank = bank.full_memory() if bank is not None else None  # a collective when sharded: every rank joins
         if not dinfo.is_main:
             return None
+        method_state = method.state_dict()
+        if full_bank is not None:
+            method_state["bank.memory"] = full_bank
         state = {"config": config_to_dict(cfg), "epoch": epoch, "step": step, "global_step": global_step,
-                 "num_samples": num_samples, "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                 "num_samples": num_samples, "method": method_state, "optimizer": optimizer.state_dict(),
                  "rng": {"torch": torch.get_rng_state()}, "bad_images": sorted(bad_seen)}
         return save_checkpoint(run_dir, state, epoch, step, cfg.train.keep_checkpoints)
 
@@ -316,6 +384,10 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
             for step_in_epoch, batch in enumerate(loader, start=sampler.start_step):
                 bad = batch.pop("bad")
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                if gpu_views is not None:  # the loader sent decoded images: make the views here, keyed by the step
+                    gen = torch.Generator(device).manual_seed(mix_seed(cfg.train.seed, global_step, 0x6B7))
+                    batch.update(gpu_views(batch.pop("image"), batch.pop("size"), gen,
+                                           global_batch=cfg.optim.batch_size, offset=method.batch_offset))
                 if use_cuda and cfg.train.channels_last:
                     for key in ("image", "rotated"):
                         if key in batch:
@@ -325,11 +397,12 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
                     group["lr"] = lr
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_cuda and cfg.train.amp):
                     out = method.training_step(batch, global_step, encoder)
-                finite, signum, new_bad = _agree(dinfo.world, out.loss, stop.signum, bad)
+                agreement = _Agreement(dinfo.world, out.loss, stop.signum, bad)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(out.loss).backward()  # queued before the flags are read: see _Agreement
+                finite, signum, new_bad = agreement.result()
                 bad_seen.update(new_bad)
                 if finite:
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(out.loss).backward()
                     scaler.step(optimizer)
                     scaler.update()
                     method.after_step(out)
@@ -345,17 +418,19 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
                         kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path else "no checkpoint yet"
                         raise PirlError(f"{message}; stopped (train.nonfinite=stop), {kept}")
                     warnings.warn(f"{message}; batch skipped (train.nonfinite=skip)", stacklevel=1)
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer.zero_grad(set_to_none=True)  # drop the gradients of the bad batch
                 global_step += 1
 
                 _check_bad_fraction(cfg, bad_seen, num_samples, run_dir)
                 if logged_steps and (global_step % cfg.train.log_every == 0 or step_in_epoch + 1 == steps_per_epoch):
                     now = time.perf_counter()
-                    last_loss = out.loss.item()
+                    means = _mean_over_ranks(dinfo.world, {**out.logs, "loss": out.loss.detach(),
+                                                           "loss_mean": loss_sum / logged_steps}, device)
+                    last_loss = means["loss"]
                     values = {"epoch": epoch + 1, "step": step_in_epoch + 1, "loss": last_loss,
-                              "loss_mean": (loss_sum / logged_steps).item(), "lr": lr,
+                              "loss_mean": means["loss_mean"], "lr": lr,
                               "images_per_s": logged_steps * cfg.optim.batch_size / max(now - tick, 1e-9)}
-                    values.update({k: float(v) for k, v in out.logs.items()})
+                    values.update({k: means[k] for k in out.logs})
                     log.record("train", global_step, values)
                     tick, loss_sum, logged_steps = now, torch.zeros((), device=device), 0
                     if bar is not None:
@@ -376,8 +451,12 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
                 break
             start_step = 0
             ckpt_path = checkpoint(epoch + 1, 0) or ckpt_path
-            log.record("epoch", global_step, {"epoch": epoch + 1, "loss": (epoch_loss / max(epoch_steps, 1)).item(),
+            epoch_mean = _mean_over_ranks(dinfo.world, {"loss": epoch_loss / max(epoch_steps, 1)}, device)["loss"]
+            log.record("epoch", global_step, {"epoch": epoch + 1, "loss": epoch_mean,
                                               "bad_images": len(bad_seen)})
+            if monitor is not None and not stopped and monitor.due(epoch + 1, cfg.optim.epochs):
+                # after the checkpoint, so that a crash in the evaluation loses no training
+                monitor.run(method.encoder.trunk, epoch + 1, global_step, log)
             if stopped:
                 break
     finally:

@@ -87,6 +87,7 @@ def _choice(key: str, value: Any, choices: Iterable[str]) -> None:
 
 def validate(cfg: Config) -> None:
     """Raise :class:`PirlError` naming the first impossible value."""
+    from pirl.bank import BANK_KINDS
     from pirl.models.trunk import ARCHS, STEMS
 
     d, m, lo, o, t = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.train
@@ -102,10 +103,12 @@ def validate(cfg: Config) -> None:
                        ("data.patch_size", d.patch_size), ("data.grid", d.grid), ("model.embed_dim", m.embed_dim),
                        ("model.mlp_hidden", m.mlp_hidden), ("optim.epochs", o.epochs),
                        ("optim.batch_size", o.batch_size), ("loss.negatives", lo.negatives),
-                       ("train.keep_checkpoints", t.keep_checkpoints), ("train.log_every", t.log_every)):
+                       ("train.keep_checkpoints", t.keep_checkpoints), ("train.log_every", t.log_every),
+                       ("train.knn_max_images", t.knn_max_images)):
         _check(value >= 1, key, value, "must be at least 1")
     for key, value in (("data.min_size", d.min_size), ("data.workers", d.workers), ("train.threads", t.threads),
                        ("train.checkpoint_every_steps", t.checkpoint_every_steps), ("data.subset", d.subset),
+                       ("train.knn_every", t.knn_every),
                        ("optim.warmup_epochs", o.warmup_epochs), ("optim.weight_decay", o.weight_decay)):
         _check(value >= 0, key, value, "must not be negative")
     for key, scale in (("data.image_scale", d.image_scale), ("data.jigsaw_scale", d.jigsaw_scale)):
@@ -121,9 +124,14 @@ def validate(cfg: Config) -> None:
     _choice("model.arch", m.arch, ARCHS)
     _choice("model.stem", m.stem, STEMS)
     _choice("model.head", m.head, ("linear", "mlp"))
-    _choice("loss.method", lo.method, ("pirl", "npid"))
+    _choice("loss.method", lo.method, ("pirl", "npid", "jigsaw", "rotation", "supervised"))
+    if lo.method == "jigsaw":
+        most = min(math.factorial(min(d.grid ** 2, 10)), 100_000)  # 10! already exceeds the cap
+        _check(2 <= lo.permutations <= most, "loss.permutations", lo.permutations,
+               f"must be between 2 and {most:,} for data.grid={d.grid}")
     _choice("loss.pretext", lo.pretext, ("jigsaw", "rotation", "jigsaw_rotation"))
     _choice("loss.form", lo.form, ("infonce", "npid_nce", "paper_nce"))
+    _choice("loss.bank", lo.bank, BANK_KINDS)
     _check(0 <= lo.lam <= 1, "loss.lam", lo.lam, "must be in [0, 1]")
     _check(lo.temperature > 0, "loss.temperature", lo.temperature, "must be positive")
     _check(0 <= lo.bank_momentum < 1, "loss.bank_momentum", lo.bank_momentum, "must be in [0, 1)")

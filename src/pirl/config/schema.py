@@ -30,6 +30,9 @@ class DataConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     workers: int = 4
+    # When true and the device is CUDA, the DataLoader only decodes and resizes, and the views are made on the
+    # GPU by pirl.data.batched (same geometry, the augmentation as batched tensor ops); ignored on CPU.
+    gpu_views: bool = False
     # Stop the run when more than this fraction of the images seen so far could not be decoded.
     max_bad_fraction: float = 0.01
 
@@ -39,13 +42,16 @@ class ModelConfig:
     arch: str = "resnet50"
     stem: str = "imagenet"  # "cifar": 3x3 stride-1 conv1 without max-pool, for 32-pixel inputs
     head: str = "linear"  # "linear" (paper) or "mlp" (VISSL's SimCLR-style heads)
+    head_bn: bool = False  # end f and g with BatchNorm1d (no affine): centred embeddings, see models/heads.py
     embed_dim: int = 128
     mlp_hidden: int = 2048
 
 
 @dataclass
 class LossConfig:
-    method: str = "pirl"  # "pirl" or "npid" (NPID++, i.e. PIRL with lam = 0 and no transformed branch)
+    # "pirl", "npid" (NPID++, i.e. PIRL with lam = 0 and no transformed branch), or a baseline without a bank:
+    # "jigsaw" (covariant: classify the permutation), "rotation" (covariant: classify the turn), "supervised"
+    method: str = "pirl"
     pretext: str = "jigsaw"  # "jigsaw", "rotation" or "jigsaw_rotation"
     lam: float = 0.5  # weight of the transformed-view term; 1 - lam weights the image term
     form: str = "infonce"  # "infonce", "npid_nce" (NCE with a frozen Z, as VISSL) or "paper_nce" (Eq. 3-4)
@@ -54,6 +60,12 @@ class LossConfig:
     bank_momentum: float = 0.5
     exclude_positive: bool = False  # paper: negatives drawn from D \ {I}; VISSL draws from all of D
     share_negatives: bool = False  # one negative set per batch instead of one per sample
+    # "replicated": every process holds all N bank rows; "sharded": process r holds a contiguous N / W block
+    # (bank memory per GPU / W; rows are fetched from and updated on their owners, results are the same).
+    bank: str = "replicated"
+    # method=jigsaw: |T|, the size of the fixed permutation set chosen for maximal Hamming distance (Noroozi &
+    # Favaro's 1000; at most (data.grid^2)! and 100,000)
+    permutations: int = 1000
 
 
 @dataclass
@@ -82,6 +94,12 @@ class TrainConfig:
     nonfinite: str = "stop"  # "stop" or "skip" a batch whose loss is NaN/inf
     # Under torchrun: a collective waiting this long for a lost process fails instead of hanging.
     dist_timeout_s: float = 600.0
+    # Under torchrun: BatchNorm statistics over the global batch, so that W processes reproduce one process.
+    sync_bn: bool = False
+    # Online kNN monitor (labelled data or --val-data): weighted-kNN accuracy every knn_every epochs (0: off), on
+    # up to knn_max_images memory and as many query images.
+    knn_every: int = 1
+    knn_max_images: int = 5000
 
 
 @dataclass

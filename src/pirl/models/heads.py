@@ -1,7 +1,10 @@
 """Projection heads: f for the image view, g for the transformed view (spec §1.6).
 
-Linear heads are the paper's; ``mlp=True`` gives VISSL's "SimCLR improvements" heads. Heads output raw
-embeddings; the method L2-normalises them.
+Linear heads are the paper's; ``mlp=True`` gives VISSL's "SimCLR improvements" heads. ``out_bn=True`` ends
+each head with a BatchNorm1d (no affine), which centres the embeddings of a batch: a random ResNet's pooled
+features are all positive, so at init every image's embedding shares one large common direction, and with a
+memory bank whose rows are up to an epoch old that shared, drifting direction swamps the per-image signal in
+short runs. Heads output raw embeddings; the method L2-normalises them.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ def _projection(in_dim: int, out_dim: int, mlp: bool, hidden: int, last_relu: bo
 class ImageHead(nn.Module):
     """f: pooled trunk feature (B, C) -> embedding (B, D). Also g for the rotation pretext."""
 
-    def __init__(self, in_dim: int, out_dim: int = 128, mlp: bool = False, hidden: int = 2048) -> None:
+    def __init__(self, in_dim: int, out_dim: int = 128, mlp: bool = False, hidden: int = 2048,
+                 out_bn: bool = False) -> None:
         super().__init__()
         self.proj = _projection(in_dim, out_dim, mlp, hidden)
+        self.out_norm = nn.BatchNorm1d(out_dim, affine=False) if out_bn else nn.Identity()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.proj(features)
+        return self.out_norm(self.proj(features))
 
 
 class JigsawHead(nn.Module):
@@ -39,12 +44,13 @@ class JigsawHead(nn.Module):
     """
 
     def __init__(self, in_dim: int, out_dim: int = 128, num_patches: int = 9, mlp: bool = False,
-                 hidden: int = 2048) -> None:
+                 hidden: int = 2048, out_bn: bool = False) -> None:
         super().__init__()
         self.num_patches = num_patches
         self.patch_proj = _projection(in_dim, out_dim, mlp, hidden, last_relu=mlp)
         self.concat_proj = nn.Linear(num_patches * out_dim, out_dim)
+        self.out_norm = nn.BatchNorm1d(out_dim, affine=False) if out_bn else nn.Identity()
 
     def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
         per_patch = self.patch_proj(patch_features)  # (n*B, D)
-        return self.concat_proj(per_patch.reshape(-1, self.num_patches * per_patch.shape[1]))
+        return self.out_norm(self.concat_proj(per_patch.reshape(-1, self.num_patches * per_patch.shape[1])))
