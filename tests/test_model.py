@@ -92,3 +92,32 @@ def test_no_weight_decay_on_batchnorm_and_bias():
     decay, no_decay = method.parameter_groups(1e-4)
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
     assert no_decay["weight_decay"] == 0.0
+
+
+def test_head_bn_centres_the_embeddings_of_a_batch():
+    f = ImageHead(64, 16, out_bn=True)
+    g = JigsawHead(64, 16, num_patches=9, out_bn=True)
+    features = torch.rand(32, 64) + 3.0  # all positive, like a random ResNet's pooled features
+    for out in (f(features), g(torch.rand(9 * 32, 64) + 3.0)):
+        assert out.mean(0).abs().max() < 1e-5 and torch.allclose(out.var(0, unbiased=False), torch.ones(16), atol=2e-2)
+    plain = ImageHead(64, 16)(features)
+    cos = torch.nn.functional.normalize(plain, dim=1) @ torch.nn.functional.normalize(plain, dim=1).T
+    assert cos.mean() > 0.5  # without it every embedding shares one large direction
+    method = build_method(tiny_config("model.head_bn=true"), 32)
+    assert isinstance(method.encoder.heads["f"].out_norm, torch.nn.BatchNorm1d)
+    assert isinstance(method.encoder.heads["g"].out_norm, torch.nn.BatchNorm1d)
+
+
+def test_bank_init_from_features_writes_f_of_each_image_and_keeps_bn_statistics():
+    method = build_method(tiny_config("model.head_bn=true"), 16)
+    images = torch.randn(16, 3, 16, 16)
+    running = {k: v.clone() for k, v in method.encoder.state_dict().items() if "running" in k}
+    method.encoder.eval()
+    method.init_bank_from_features([(images[:8], torch.arange(8)), (images[8:], torch.arange(8, 16))])
+    assert not method.encoder.training and method.bank.momentum == 0.5  # both restored
+    assert all(torch.equal(v, method.encoder.state_dict()[k]) for k, v in running.items())
+    method.encoder.train()
+    with torch.no_grad():
+        expected = torch.cat([torch.nn.functional.normalize(method.encoder({"f": x})["f"], dim=1)
+                              for x in (images[:8], images[8:])])
+    assert torch.allclose(method.bank.memory, expected, atol=1e-5)

@@ -63,9 +63,9 @@ def test_monitor_logs_every_epoch_and_leaves_training_unchanged(tmp_path, capsys
     assert "kNN monitor" not in capsys.readouterr().out and not _records(tmp_path / "off", "eval")
     train(tiny_config(), source, tmp_path / "on", progress=False)
     out = capsys.readouterr().out
-    assert "held-out training images" in out and out.count("kNN monitor, epoch") == 2
+    assert "held-out training images" in out and out.count("kNN monitor, epoch") == 3
     evals = _records(tmp_path / "on", "eval")
-    assert [r["epoch"] for r in evals] == [1, 2]
+    assert [r["epoch"] for r in evals] == [0, 1, 2]  # epoch 0: the random-init trunk, before the first step
     assert all(0 <= r["knn_top1_k20"] <= 1 and 0 <= r["knn_top1_k200"] <= 1 for r in evals)
     assert evals[0]["knn_query_images"] == 3 and evals[0]["knn_memory_images"] == 13  # a 20% held-out slice
     # same RNG stream, same BatchNorm statistics: bit-identical with and without the monitor
@@ -171,7 +171,8 @@ def test_cli_train_val_data_then_report(tmp_path, capsys):
     assert main(["train", "--data", str(data), "--val-data", str(val), "--out", str(run), *TINY,
                  "optim.epochs=1"]) == 0
     assert "16 --val-data images against 16 training images" in capsys.readouterr().out
-    (record,) = _records(run, "eval")
+    baseline, record = _records(run, "eval")  # epoch 0 (random init), epoch 1
+    assert (baseline["epoch"], record["epoch"]) == (0, 1)
     assert json.loads((run / "config.json").read_text())["val_data"] == str(val)
     assert record["knn_top1_k20"] > 0.9  # the colour cue survives a random-ish trunk
     html_path = tmp_path / "report.html"

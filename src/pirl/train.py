@@ -28,8 +28,10 @@ from pirl.config import Config, config_to_dict
 from pirl.bank import mix_seed
 from pirl.data.batched import BatchedViews, DecodeResize
 from pirl.data.dataset import EpochSampler, ViewDataset
+from pirl.data.images import BadImageError
 from pirl.data.sources import ImageSource, open_source
 from pirl.errors import PirlError
+from pirl.eval.features import eval_transform
 from pirl.eval.monitor import plan_monitor, start_monitor
 from pirl.methods import build_method
 from pirl.sync_bn import convert_sync_batchnorm
@@ -162,6 +164,42 @@ def _gpu_views(cfg: Config, device: torch.device, views: Any) -> BatchedViews | 
         warnings.warn(f"data.gpu_views: no batched form of {type(views).__name__}; the DataLoader makes the views",
                       stacklevel=2)
     return batched
+
+
+class _PlainImages(torch.utils.data.Dataset):
+    """(un-augmented image, row) for ``loss.bank_init=features``; an undecodable image gives a blank one."""
+
+    def __init__(self, source: ImageSource, indices: list[int] | None, rows: list[int], size: int,
+                 mean: Any, std: Any) -> None:
+        self.source, self.indices, self.rows = source, indices, rows
+        self.size, self.transform = size, eval_transform(size, mean, std)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        row = self.rows[i]
+        try:
+            return self.transform(self.source.load(self.indices[row] if self.indices else row)), row
+        except BadImageError:
+            return torch.zeros(3, self.size, self.size), row
+
+
+def _init_bank_from_features(method: Any, source: ImageSource, indices: list[int] | None, num_samples: int,
+                             cfg: Config, local_batch: int, dinfo: "DistInfo", device: torch.device) -> None:
+    """Each process embeds its slice of every global batch (the last one wraps around), the bank gathers them."""
+    per_step = local_batch * dinfo.world
+    steps = -(-num_samples // per_step)
+    rows = [(step * per_step + dinfo.rank * local_batch + j) % num_samples
+            for step in range(steps) for j in range(local_batch)]
+    images = _PlainImages(source, indices, rows, cfg.data.image_size, cfg.data.mean, cfg.data.std)
+    loader = DataLoader(images, batch_size=local_batch, num_workers=cfg.data.workers, worker_init_fn=_worker_init)
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):  # the loader draws a seed: keep training's random stream as it was
+        method.init_bank_from_features((x.to(device), r.to(device)) for x, r in loader)
+    if dinfo.is_main:
+        print(f"bank initialised from the untrained network's features ({time.perf_counter() - start:.0f} s)",
+              flush=True)
 
 
 class _Agreement:
@@ -367,6 +405,11 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
         return save_checkpoint(run_dir, state, epoch, step, cfg.train.keep_checkpoints)
 
     stop, stopped, bad_names, bar = StopRequest(), None, [], None
+    if cfg.loss.bank_init == "features" and ckpt_path is None and getattr(method, "bank", None) is not None:
+        _init_bank_from_features(method, source, indices, num_samples, cfg, sampler.local_batch, dinfo, device)
+    if monitor is not None and ckpt_path is None:
+        # epoch 0: the random-init trunk, the baseline every later figure is read against
+        monitor.run(method.encoder.trunk, 0, 0, log)
     try:
         stop.install()  # only now: before the first step there is nothing to save, so a signal may end the process
         for epoch in range(start_epoch, cfg.optim.epochs):

@@ -131,6 +131,7 @@ def validate(cfg: Config) -> None:
                f"must be between 2 and {most:,} for data.grid={d.grid}")
     _choice("loss.pretext", lo.pretext, ("jigsaw", "rotation", "jigsaw_rotation"))
     _choice("loss.form", lo.form, ("infonce", "npid_nce", "paper_nce"))
+    _choice("loss.bank_init", lo.bank_init, ("random", "features"))
     _choice("loss.bank", lo.bank, BANK_KINDS)
     _check(0 <= lo.lam <= 1, "loss.lam", lo.lam, "must be in [0, 1]")
     _check(lo.temperature > 0, "loss.temperature", lo.temperature, "must be positive")

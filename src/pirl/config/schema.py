@@ -58,6 +58,9 @@ class LossConfig:
     temperature: float = 0.07
     negatives: int = 32000
     bank_momentum: float = 0.5
+    # "random": uniform rows (the paper, VISSL); "features": each row starts as the untrained network's f of its
+    # un-augmented image (one forward pass over the data), so positives carry signal from the first step
+    bank_init: str = "random"
     exclude_positive: bool = False  # paper: negatives drawn from D \ {I}; VISSL draws from all of D
     share_negatives: bool = False  # one negative set per batch instead of one per sample
     # "replicated": every process holds all N bank rows; "sharded": process r holds a contiguous N / W block

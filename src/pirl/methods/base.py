@@ -11,6 +11,7 @@ export keeps the ``encoder.trunk.`` weights alone, so every method exports the s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -133,6 +134,28 @@ class Method(BaseMethod):
                                                global_batch=self.global_batch, offset=self.batch_offset)
         with torch.autocast(device_type=emb.device.type, enabled=False):  # the loss maths stays in fp32
             return self.criterion(self.bank.score(emb.float(), indices, negatives))
+
+    @torch.no_grad()
+    def init_bank_from_features(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """``loss.bank_init=features``: set each row to the untrained network's f of its un-augmented image.
+
+        ``batches`` yields (images, row indices); under torch.distributed every process must yield the same
+        number of equally sized batches (the update all-gathers them, so each process can embed a slice).
+        BatchNorm uses batch statistics, as in training, and its running statistics are left untouched.
+        """
+        norms = [m for m in self.encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
+        was_training, momentum = self.encoder.training, self.bank.momentum
+        self.encoder.train()
+        self.bank.momentum = 0.0  # the update then writes the embedding itself
+        try:
+            for images, rows in batches:
+                self.bank.update(rows, unit(self.encoder({"f": images})["f"]))
+        finally:
+            self.bank.momentum = momentum
+            self.encoder.train(was_training)
+            for m, state in zip(norms, saved):
+                m.load_state_dict(state)
 
     @torch.no_grad()
     def after_step(self, out: StepOutput) -> None:
