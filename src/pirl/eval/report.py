@@ -204,6 +204,11 @@ def curves_png(run: Run) -> str | None:
         panels.append(("online kNN top-1", "epoch", knn))
     if not panels:
         return None
+    return _panels_png(panels, markers=True)
+
+
+def _panels_png(panels: list, *, markers: bool) -> str:
+    """One row of line plots, one per (title, x label, [(label, xs, ys), ...]) panel, as a data URI."""
     from matplotlib.ticker import MaxNLocator
 
     fig = _figure(len(panels))
@@ -211,7 +216,7 @@ def curves_png(run: Run) -> str | None:
         ax = fig.add_subplot(1, len(panels), i)
         for label, xs, ys in lines:
             if xs:
-                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+                ax.plot(xs, ys, marker="o" if markers and len(xs) < 30 else None, markersize=3, label=label)
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and epochs are whole numbers
@@ -230,20 +235,7 @@ def comparison_png(runs: list[Run]) -> str | None:
     panels = [p for p in panels if sum(bool(xs) for _, xs, _ in p[2]) >= 2]
     if len(runs) < 2 or not panels:
         return None
-    from matplotlib.ticker import MaxNLocator
-
-    fig = _figure(len(panels))
-    for i, (title, xlabel, lines) in enumerate(panels, start=1):
-        ax = fig.add_subplot(1, len(panels), i)
-        for label, xs, ys in lines:
-            if xs:
-                ax.plot(xs, ys, label=label)
-        ax.set_title(title)
-        ax.set_xlabel(xlabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return _png(fig)
+    return _panels_png(panels, markers=False)
 
 
 # --------------------------------------------------------------------------- the page
