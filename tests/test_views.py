@@ -53,8 +53,9 @@ def test_jigsaw_view_patches_come_from_their_cells():
 
 
 def test_views_shapes_for_each_pretext():
-    cfg = load_config("cpu-quick", []).data
-    img = _coordinate_image(32)
+    cfg = load_config("cpu-quick", ["data.min_size=64", "data.image_size=64", "data.jigsaw_crop=63",
+                                    "data.patch_size=18"]).data
+    img = _coordinate_image(32)  # upscaled to min_size first
     out = PirlViews(cfg, "jigsaw")(img)
     assert out["image"].shape == (3, 64, 64) and out["patches"].shape == (9, 3, 18, 18)
     out = PirlViews(cfg, "rotation")(img)
@@ -63,6 +64,8 @@ def test_views_shapes_for_each_pretext():
     assert out["patches"].shape == (9, 3, 18, 18) and "rotation" in out
     out = PirlViews(cfg, None)(img)
     assert set(out) == {"image"}
+    quick = PirlViews(load_config("cpu-quick", []).data, "jigsaw")(img)  # the preset itself: 32 px, 9 px patches
+    assert quick["image"].shape == (3, 32, 32) and quick["patches"].shape == (9, 3, 9, 9)
 
 
 def test_patches_are_augmented_independently():
