@@ -27,8 +27,7 @@ from pirl.checkpoint import atomic_write, load_latest, save_checkpoint
 from pirl.config import Config, config_to_dict
 from pirl.bank import mix_seed
 from pirl.data.batched import BatchedViews, DecodeResize
-from pirl.data.dataset import EpochSampler, ViewDataset
-from pirl.data.images import BadImageError
+from pirl.data.dataset import EpochSampler, PlainImages, ViewDataset
 from pirl.data.sources import ImageSource, open_source
 from pirl.errors import PirlError
 from pirl.eval.features import eval_transform
@@ -166,25 +165,6 @@ def _gpu_views(cfg: Config, device: torch.device, views: Any) -> BatchedViews | 
     return batched
 
 
-class _PlainImages(torch.utils.data.Dataset):
-    """(un-augmented image, row) for ``loss.bank_init=features``; an undecodable image gives a blank one."""
-
-    def __init__(self, source: ImageSource, indices: list[int] | None, rows: list[int], size: int,
-                 mean: Any, std: Any) -> None:
-        self.source, self.indices, self.rows = source, indices, rows
-        self.size, self.transform = size, eval_transform(size, mean, std)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        row = self.rows[i]
-        try:
-            return self.transform(self.source.load(self.indices[row] if self.indices else row)), row
-        except BadImageError:
-            return torch.zeros(3, self.size, self.size), row
-
-
 def _init_bank_from_features(method: Any, source: ImageSource, indices: list[int] | None, num_samples: int,
                              cfg: Config, local_batch: int, dinfo: "DistInfo", device: torch.device) -> None:
     """Each process embeds its slice of every global batch (the last one wraps around), the bank gathers them."""
@@ -192,11 +172,13 @@ def _init_bank_from_features(method: Any, source: ImageSource, indices: list[int
     steps = -(-num_samples // per_step)
     rows = [(step * per_step + dinfo.rank * local_batch + j) % num_samples
             for step in range(steps) for j in range(local_batch)]
-    images = _PlainImages(source, indices, rows, cfg.data.image_size, cfg.data.mean, cfg.data.std)
+    images = PlainImages(source, [indices[r] for r in rows] if indices else rows,
+                         eval_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std), cfg.data.image_size)
     loader = DataLoader(images, batch_size=local_batch, num_workers=cfg.data.workers, worker_init_fn=_worker_init)
+    row_batches = torch.tensor(rows).split(local_batch)  # the loader keeps the order of ``rows``
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # the loader draws a seed: keep training's random stream as it was
-        method.init_bank_from_features((x.to(device), r.to(device)) for x, r in loader)
+        method.init_bank_from_features((x.to(device), r.to(device)) for (x, _), r in zip(loader, row_batches))
     if dinfo.is_main:
         print(f"bank initialised from the untrained network's features ({time.perf_counter() - start:.0f} s)",
               flush=True)

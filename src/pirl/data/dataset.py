@@ -91,3 +91,22 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.local_batch
+
+
+class PlainImages(Dataset):
+    """(transformed image, decodable?) for chosen indices of a source, without augmentation (evaluation, bank
+    initialisation); an undecodable image gives a blank one and ``False``, for the caller to drop or keep."""
+
+    def __init__(self, source: Any, indices: list[int], transform: Any, size: int) -> None:
+        self.source, self.indices, self.transform, self.size = source, indices, transform, size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
+        from pirl.data.images import BadImageError
+
+        try:
+            return self.transform(self.source.load(self.indices[i])), True
+        except BadImageError:  # training skips these too; a side task must not stop a run over one
+            return torch.zeros(3, self.size, self.size), False

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from pirl.config.schema import Config
-from pirl.data.images import BadImageError
+from pirl.data.dataset import PlainImages
 from pirl.data.sources import FolderSource, ImageSource, TorchvisionSource, open_source
 from pirl.errors import PirlError
 from pirl.eval.features import eval_transform
@@ -129,22 +129,6 @@ def plan_monitor(cfg: Config, source: ImageSource, data: str | None = None,
     return MonitorPlan(val, False, None, "--val-data images", "held-out --val-data images")
 
 
-class _Images(Dataset):
-    """(transformed image, decodable?) for chosen indices of a source; an undecodable image is dropped later."""
-
-    def __init__(self, source: ImageSource, indices: list[int], transform: Any, size: int) -> None:
-        self.source, self.indices, self.transform, self.size = source, indices, transform, size
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
-        try:
-            return self.transform(self.source.load(self.indices[i])), True
-        except BadImageError:  # training skips these too; the monitor must not stop a run over one
-            return torch.zeros(3, self.size, self.size), False
-
-
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer decides when to stop
@@ -239,7 +223,7 @@ class KnnMonitor:
         return values
 
     def _features(self, trunk: nn.Module, source: ImageSource, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        loader = DataLoader(_Images(source, indices, self.transform, self.size), batch_size=self.batch_size,
+        loader = DataLoader(PlainImages(source, indices, self.transform, self.size), batch_size=self.batch_size,
                             num_workers=self.workers, pin_memory=self.device.type == "cuda",
                             worker_init_fn=_worker_init)
         feats, oks = [], []
