@@ -2,8 +2,9 @@
 
 Full pipeline: decode the file, then pirl.data.views.PirlViews (image view, jigsaw view with 9 independently
 augmented patches), as a worker runs it (one torch thread). Baseline: decode + resize to a fixed size, which is
-all a worker does with ``data.gpu_views`` (pirl.data.batched.DecodeResize). Settings: ``cpu-quick`` (64 px image,
-63 px puzzle, 18 px patches, light augmentation) and ``paper`` (224 / 255 / 64, VISSL augmentation).
+all a worker does with ``data.batched_views`` (pirl.data.batched.DecodeResize). Settings: ``cpu-quick`` (the
+preset: 32 px image, 30 px puzzle, 9 px patches, light augmentation), ``64px`` (64 px image, 63 px puzzle, 18 px
+patches, VISSL augmentation: issue 4's reference setting) and ``paper`` (224 / 255 / 64, VISSL augmentation).
 
 Images: real ones from --data (a folder, an archive, or a dataset name, opened by pirl.data.sources.open_source;
 the first --images of them), else synthetic JPEGs (--synthetic-size, smooth random content, quality 90).
@@ -13,9 +14,11 @@ host-to-device copy included) against the per-sample views of the same decoded i
 
 Prints one JSON line per setting: ``full_img_s``, ``decode_resize_img_s``, ``decode_img_s`` (one thread each) and
 ``ratio`` = how many times longer the full pipeline takes than decode + resize; with --batched one more line
-per setting: ``batched_img_s``, ``per_sample_img_s_one_thread`` and their ratio ``speedup``.
+per setting: ``batched_img_s``, ``per_sample_img_s_one_thread`` and their ratio ``speedup``, and
+``pipeline_img_s_one_thread``: decode + resize plus the batched views, i.e. what one CPU thread delivers per
+second with ``data.batched_views`` on the CPU (the views made in the training process).
 
-    python benchmarks/data.py --data ../shared/datasets/cifar10-jpeg.tar.gz --images 2000
+    python benchmarks/data.py --data ../shared/datasets/cifar10-jpeg.tar.gz --images 2000 --batched
     python benchmarks/data.py --images 256 --synthetic-size 500x375 --batched --device cuda
 """
 
@@ -39,7 +42,12 @@ from pirl.data.batched import BatchedViews, DecodeResize
 from pirl.data.sources import ImageSource, open_source
 from pirl.data.views import PirlViews
 
-SETTINGS = {"cpu-quick": ("cpu-quick", []), "paper": (None, ["data.augment=vissl"])}
+SETTINGS = {
+    "cpu-quick": ("cpu-quick", []),
+    # issue 4's reference: 64 px images, 9 patches of 18 px, the official (VISSL) per-patch augmentation
+    "64px": ("cpu-quick", ["data.image_size=64", "data.jigsaw_crop=63", "data.patch_size=18", "data.augment=vissl"]),
+    "paper": (None, ["data.augment=vissl"]),
+}
 
 
 def synthetic_jpegs(folder: Path, count: int, width: int, height: int, seed: int = 0) -> None:
@@ -112,7 +120,7 @@ def main() -> None:
     parser.add_argument("--data", help="folder, archive or dataset name; synthetic JPEGs when absent")
     parser.add_argument("--images", type=int, default=256, help="images per pass")
     parser.add_argument("--synthetic-size", default="500x375", help="WxH of the synthetic JPEGs")
-    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["cpu-quick", "paper"])
+    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["cpu-quick", "64px", "paper"])
     parser.add_argument("--repeats", type=int, default=3, help="passes; the best counts")
     parser.add_argument("--batched", action="store_true", help="also time pirl.data.batched against per-sample views")
     parser.add_argument("--batch", type=int, default=64, help="--batched: images per batch")
@@ -141,6 +149,9 @@ def main() -> None:
                 torch.set_num_threads(1)
                 result = batched(source, cfg, count, args.batch, torch.device(args.device), args.repeats)
                 torch.set_num_threads(threads)
+                if args.device == "cpu":  # both halves on one thread, one after the other
+                    result["pipeline_img_s_one_thread"] = round(
+                        1 / (1 / row["decode_resize_img_s"] + 1 / result["batched_img_s"]), 1)
                 print(json.dumps({"setting": name, "source": origin, "mode": "batched", **result}), flush=True)
 
 

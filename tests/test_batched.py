@@ -164,18 +164,24 @@ def test_decode_resize_keeps_the_aspect_and_pads_with_the_edge():
     assert torch.equal(out["image"][:, h:, :], out["image"][:, h - 1:h, :].expand(3, size - h, size))
 
 
-def test_gpu_views_option_is_validated_and_off_by_default():
-    assert load_config(None, []).data.gpu_views is False
-    assert load_config(None, ["data.gpu_views=true"]).data.gpu_views is True
-    with pytest.raises(PirlError, match="gpu_views"):
-        load_config(None, ["data.gpu_views=maybe"])
+def test_batched_views_option_is_validated_and_off_by_default():
+    assert load_config(None, []).data.batched_views is False
+    assert load_config(None, ["data.batched_views=true"]).data.batched_views is True
+    with pytest.raises(PirlError, match="batched_views"):
+        load_config(None, ["data.batched_views=maybe"])
 
 
-def test_training_with_batched_views_runs(tmp_path, monkeypatch):
-    """The data.gpu_views path of the trainer, forced on the CPU (it is ignored there otherwise)."""
+def test_training_with_batched_views_on_cpu_is_repeatable_and_uses_them(tmp_path, monkeypatch):
+    """data.batched_views on the CPU: the loader only decodes and resizes, runs repeat, the views differ."""
     import pirl.train as train_module
 
-    monkeypatch.setattr(train_module, "_gpu_views", lambda cfg, device, views: BatchedViews.like(views))
-    summary = train_module.train(tiny_config("optim.epochs=1", "data.gpu_views=true"), random_source(32),
-                                 tmp_path, progress=False)
-    assert np.isfinite(summary["loss"]) and summary["checkpoint"]
+    calls = []
+    original = BatchedViews.__call__
+    monkeypatch.setattr(BatchedViews, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    runs = [train_module.train(tiny_config("optim.epochs=1", "data.batched_views=true"), random_source(32),
+                               tmp_path / f"b{i}", progress=False) for i in range(2)]
+    per_sample = train_module.train(tiny_config("optim.epochs=1"), random_source(32), tmp_path / "p", progress=False)
+    assert calls, "the trainer did not make the batched views"
+    assert np.isfinite(runs[0]["loss"]) and runs[0]["checkpoint"]
+    assert runs[0]["loss"] == runs[1]["loss"]
+    assert runs[0]["loss"] != per_sample["loss"]

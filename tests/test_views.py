@@ -81,3 +81,19 @@ def test_small_images_are_upscaled_before_cropping():
     cfg = load_config(None, ["data.min_size=64", "data.image_size=64", "data.image_scale=[1.0,1.0]"]).data
     t = ImageView(cfg).to_tensor(_coordinate_image(32))
     assert min(t.shape[-2:]) == 64
+
+
+def test_vissl_photometric_accepts_every_solarize_threshold(monkeypatch):
+    """The threshold is drawn from 0..256; 256 means no solarisation (torchvision rejects it for uint8 images)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from pirl.data.views import VisslPhotometric
+
+    img = torch.randint(0, 256, (3, 12, 12), dtype=torch.uint8)
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.zeros(()))  # always apply
+    monkeypatch.setattr(torch, "randint", lambda low, high, size, **k: torch.tensor(high - 1))  # 8 bits, 256
+    torch.manual_seed(0)
+    sharp = torch.empty(()).uniform_(0.1, 1.9)
+    torch.manual_seed(0)
+    out = VisslPhotometric(0.66)(img)
+    assert torch.equal(out, TF.autocontrast(TF.adjust_sharpness(TF.posterize(img, 8), float(sharp))))

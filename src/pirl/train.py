@@ -150,18 +150,15 @@ class StopRequest:
         self.signum = self.signum or signum
 
 
-def _gpu_views(cfg: Config, device: torch.device, views: Any) -> BatchedViews | None:
-    """``data.gpu_views``: the batched twin of the method's views, made on the GPU (None: the DataLoader makes
-    the views, the default)."""
-    if not cfg.data.gpu_views:
-        return None
-    if device.type != "cuda":
-        warnings.warn("data.gpu_views applies on CUDA only; the DataLoader makes the views", stacklevel=2)
+def _batched_views(cfg: Config, views: Any) -> BatchedViews | None:
+    """``data.batched_views``: the batched twin of the method's views, made on the training device (None: the
+    DataLoader makes the views per sample, the default)."""
+    if not cfg.data.batched_views:
         return None
     batched = BatchedViews.like(views)
     if batched is None:
-        warnings.warn(f"data.gpu_views: no batched form of {type(views).__name__}; the DataLoader makes the views",
-                      stacklevel=2)
+        warnings.warn(f"data.batched_views: no batched form of {type(views).__name__}; the DataLoader makes the "
+                      "views", stacklevel=2)
     return batched
 
 
@@ -323,8 +320,8 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
     if cfg.train.sync_bn and dinfo.world > 1:  # the same parameters in new modules: before the optimizer is built
         method.encoder = convert_sync_batchnorm(method.encoder, device.type)
     views = method.views()
-    gpu_views = _gpu_views(cfg, device, views)
-    dataset = ViewDataset(source, DecodeResize(cfg.data) if gpu_views else views, cfg.train.seed, indices)
+    batched_views = _batched_views(cfg, views)
+    dataset = ViewDataset(source, DecodeResize(cfg.data) if batched_views else views, cfg.train.seed, indices)
     sampler = EpochSampler(num_samples, cfg.optim.batch_size, cfg.train.seed, dinfo.rank, dinfo.world)
     method.global_batch, method.batch_offset = cfg.optim.batch_size, dinfo.rank * sampler.local_batch
     loader = DataLoader(dataset, batch_size=sampler.local_batch, sampler=sampler, num_workers=cfg.data.workers,
@@ -357,7 +354,7 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
 
     encoder: torch.nn.Module = method.encoder
     use_cuda = device.type == "cuda"
-    if use_cuda and cfg.train.channels_last:
+    if cfg.train.channels_last:
         encoder.to(memory_format=torch.channels_last)
     if dinfo.world > 1:
         encoder = torch.nn.parallel.DistributedDataParallel(
@@ -409,11 +406,11 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
             for step_in_epoch, batch in enumerate(loader, start=sampler.start_step):
                 bad = batch.pop("bad")
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                if gpu_views is not None:  # the loader sent decoded images: make the views here, keyed by the step
+                if batched_views is not None:  # the loader sent decoded images: the views are made here, keyed by step
                     gen = torch.Generator(device).manual_seed(mix_seed(cfg.train.seed, global_step, 0x6B7))
-                    batch.update(gpu_views(batch.pop("image"), batch.pop("size"), gen,
+                    batch.update(batched_views(batch.pop("image"), batch.pop("size"), gen,
                                            global_batch=cfg.optim.batch_size, offset=method.batch_offset))
-                if use_cuda and cfg.train.channels_last:
+                if cfg.train.channels_last:
                     for key in ("image", "rotated"):
                         if key in batch:
                             batch[key] = batch[key].contiguous(memory_format=torch.channels_last)

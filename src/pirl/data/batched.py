@@ -1,7 +1,8 @@
-"""The PIRL views made for a whole batch at once, on tensors on any device (``data.gpu_views``).
+"""The PIRL views made for a whole batch at once, on tensors on any device (``data.batched_views``).
 
-With ``data.gpu_views: true`` on CUDA, DataLoader workers only decode and resize (:class:`DecodeResize`) and
-:class:`BatchedViews` makes the image view and the jigsaw on the GPU. The geometry is that of
+With ``data.batched_views: true``, DataLoader workers only decode and resize (:class:`DecodeResize`) and
+:class:`BatchedViews` makes the image view and the jigsaw on the training device, GPU or CPU (on CPU about
+30x the per-sample pipeline per thread, so it costs a few percent of a step). The geometry is that of
 :mod:`pirl.data.views` (spec §1.7): a RandomResizedCrop per sample for each view, a grid x grid lattice of
 ``jigsaw_crop // grid`` cells, one ``patch_size`` patch per cell at a random integer offset, a uniformly random
 order. The photometric augmentation is the same recipe per element (image or patch), written as tensor ops

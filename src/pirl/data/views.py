@@ -32,7 +32,9 @@ class VisslPhotometric(torch.nn.Module):
             return img
         img = TF.posterize(img, int(torch.randint(4, 9, ())))
         img = TF.adjust_sharpness(img, float(torch.empty(()).uniform_(0.1, 1.9)))
-        img = TF.solarize(img, float(torch.randint(0, 257, ())))
+        threshold = int(torch.randint(0, 257, ()))
+        if threshold < 256:  # 256 leaves the image as it is (and torchvision refuses it for uint8)
+            img = TF.solarize(img, float(threshold))
         return TF.autocontrast(img)
 
 
