@@ -2,8 +2,9 @@
 
 Full step: image and patch batches through the trunk, heads f and g, scores against the memory bank with
 per-sample (or shared) negatives, loss, backward, SGD step, bank update. Baseline: the same trunk doing
-forward + backward + SGD step on the same image and patch batches (no heads, bank or loss). On CUDA both run
-as the trainer runs them: autocast (bf16 where supported, else fp16) and channels_last, unless turned off.
+forward + backward + SGD step on the same image and patch batches (no heads, bank or loss). Both run as the
+trainer runs them: channels_last (CPU and CUDA) and, on CUDA, autocast (bf16 where supported, else fp16), unless
+turned off.
 Prints one JSON line per setting (negatives x shared), with ``ratio`` = full step / trunk alone.
 
     python benchmarks/step.py --arch resnet18 --image-size 64 --patch-size 18 --batch 64 --negatives 4096 32000
@@ -38,7 +39,7 @@ class Setting:
     shared: bool = False
     device: str = "cpu"
     amp: bool = True  # CUDA only, as train.amp
-    channels_last: bool = True  # CUDA only, as train.channels_last
+    channels_last: bool = True  # as train.channels_last (CPU and CUDA)
 
 
 def _sync(device: torch.device) -> None:
@@ -57,7 +58,7 @@ def build_steps(s: Setting) -> tuple[Callable[[], None], Callable[[], None], tor
     images = torch.randn(s.batch, 3, s.image, s.image, device=device)
     patches = torch.randn(s.batch, 9, 3, s.patch, s.patch, device=device)
     cuda = device.type == "cuda"
-    if cuda and s.channels_last:  # as train.py: the encoder and the image batches
+    if s.channels_last:  # as train.py: the encoder and the image batches
         method.encoder.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     batch = {"image": images, "patches": patches,
@@ -119,7 +120,7 @@ def measure(s: Setting, steps: int, rounds: int = 3) -> dict:
     return {"arch": s.arch, "stem": s.stem, "image": s.image, "patch": s.patch, "batch": s.batch,
             "negatives": s.negatives, "bank_rows": s.num_samples, "shared_negatives": s.shared,
             "device": torch.cuda.get_device_name(device) if cuda else "cpu", "amp": cuda and s.amp,
-            "channels_last": cuda and s.channels_last, "trunk_s": round(t, 4), "pirl_step_s": round(f, 4),
+            "channels_last": s.channels_last, "trunk_s": round(t, 4), "pirl_step_s": round(f, 4),
             "ratio": round(f / t, 3), "threads": torch.get_num_threads()}
 
 
@@ -137,7 +138,7 @@ def main() -> None:
                              "a bare --shared means on")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--no-amp", action="store_true", help="CUDA: no autocast")
-    parser.add_argument("--no-channels-last", action="store_true", help="CUDA: keep NCHW")
+    parser.add_argument("--no-channels-last", action="store_true", help="keep NCHW")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round counts")
     parser.add_argument("--repeats", type=int, dest="rounds", help="alias of --rounds")

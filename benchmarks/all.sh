@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Every speed and memory benchmark of issue 4, one after the other, on an otherwise idle machine.
+# Each benchmark prints JSON lines with its own baseline measured in the same process; they are collected in
+# $OUT (default docs/results/benchmarks.jsonl), each line tagged with the benchmark that printed it.
+#
+#   bash benchmarks/all.sh ../shared/datasets/cifar10-jpeg.tar.gz [docs/results/benchmarks.jsonl]
+set -euo pipefail
+DATA=${1:?usage: benchmarks/all.sh CIFAR10_DATA [OUT.jsonl]}
+OUT=${2:-docs/results/benchmarks.jsonl}
+PY=${PYTHON:-python}
+cd "$(dirname "$0")/.."
+mkdir -p "$(dirname "$OUT")"
+: > "$OUT"
+
+run() {  # run NAME CMD...: keep the JSON lines, tagged with NAME
+    local name=$1; shift
+    echo "== $name: $*" >&2
+    "$@" 2>/dev/null | grep '^{' | sed "s/^{/{\"bench\": \"$name\", /" | tee -a "$OUT"
+}
+
+# A full step against the trunk alone: cpu-quick, issue 4's 64 px setting (dense scoring against a 50k bank,
+# and the per-sample gather against a 1.28M bank), and ResNet-50 at the paper's sizes.
+run step $PY benchmarks/step.py --image-size 32 --patch-size 9 --batch 128 --num-samples 10000 --negatives 4096
+run step $PY benchmarks/step.py --image-size 64 --patch-size 18 --batch 64 --num-samples 50000 --negatives 4096 32000
+run step $PY benchmarks/step.py --image-size 64 --patch-size 18 --batch 64 --num-samples 1281167 \
+    --negatives 4096 32000
+run step $PY benchmarks/step.py --arch resnet50 --image-size 224 --patch-size 64 --batch 16 --num-samples 1281167 \
+    --negatives 4096 32000 --steps 2 --rounds 2
+# The data pipeline per thread: real CIFAR-10 JPEGs, and photo-sized synthetic JPEGs (500x375).
+run data $PY benchmarks/data.py --data "$DATA" --images 1000 --batched --batch 128
+run data $PY benchmarks/data.py --images 256 --synthetic-size 500x375 --batched --batch 64 --settings 64px paper
+# Peak memory of a step, and of the bank and negatives alone.
+run memory $PY benchmarks/memory.py --image-size 64 --patch-size 18 --batch 64 --negatives 4096 32000
+run bank_memory $PY benchmarks/bank_memory.py
+# 1 against 2 processes on the CPU (torchrun, gloo), same global batch.
+run scaling $PY benchmarks/scaling.py --procs 1 2 --images 1024 --batch 64 --epochs 1
