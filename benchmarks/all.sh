@@ -27,7 +27,7 @@ run step $PY benchmarks/step.py --image-size 64 --patch-size 18 --batch 64 --num
 run step $PY benchmarks/step.py --arch resnet50 --image-size 224 --patch-size 64 --batch 16 --num-samples 1281167 \
     --negatives 4096 32000 --steps 2 --rounds 2
 # The data pipeline per thread: real CIFAR-10 JPEGs, and photo-sized synthetic JPEGs (500x375).
-run data $PY benchmarks/data.py --data "$DATA" --images 1000 --batched --batch 128
+run data $PY benchmarks/data.py --data "$DATA" --images 500 --batched --batch 64
 run data $PY benchmarks/data.py --images 256 --synthetic-size 500x375 --batched --batch 64 --settings 64px paper
 # Peak memory of a step, and of the bank and negatives alone.
 run memory $PY benchmarks/memory.py --image-size 64 --patch-size 18 --batch 64 --negatives 4096 32000

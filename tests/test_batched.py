@@ -180,7 +180,8 @@ def test_training_with_batched_views_on_cpu_is_repeatable_and_uses_them(tmp_path
     monkeypatch.setattr(BatchedViews, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     runs = [train_module.train(tiny_config("optim.epochs=1", "data.batched_views=true"), random_source(32),
                                tmp_path / f"b{i}", progress=False) for i in range(2)]
-    per_sample = train_module.train(tiny_config("optim.epochs=1"), random_source(32), tmp_path / "p", progress=False)
+    per_sample = train_module.train(tiny_config("optim.epochs=1", "data.batched_views=false"), random_source(32),
+                                    tmp_path / "p", progress=False)
     assert calls, "the trainer did not make the batched views"
     assert np.isfinite(runs[0]["loss"]) and runs[0]["checkpoint"]
     assert runs[0]["loss"] == runs[1]["loss"]

@@ -61,7 +61,7 @@ def test_monitor_logs_every_epoch_and_leaves_training_unchanged(tmp_path, capsys
     source = ArraySource(images, labels)
     train(tiny_config("train.knn_every=0"), source, tmp_path / "off", progress=False)
     assert "kNN monitor" not in capsys.readouterr().out and not _records(tmp_path / "off", "eval")
-    train(tiny_config(), source, tmp_path / "on", progress=False)
+    train(tiny_config("train.knn_every=1"), source, tmp_path / "on", progress=False)
     out = capsys.readouterr().out
     assert "held-out training images" in out and out.count("kNN monitor, epoch") == 3
     evals = _records(tmp_path / "on", "eval")
