@@ -15,7 +15,7 @@ mkdir -p "$(dirname "$OUT")"
 run() {  # run NAME CMD...: keep the JSON lines, tagged with NAME
     local name=$1; shift
     echo "== $name: $*" >&2
-    "$@" 2>/dev/null | grep '^{' | sed "s/^{/{\"bench\": \"$name\", /" | tee -a "$OUT"
+    "$@" 2>/dev/null | { grep '^{' || true; } | sed "s/^{/{\"bench\": \"$name\", /" | tee -a "$OUT"
 }
 
 # A full step against the trunk alone: cpu-quick, issue 4's 64 px setting (dense scoring against a 50k bank,
