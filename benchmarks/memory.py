@@ -9,7 +9,8 @@ setup's own. On CUDA: ``torch.cuda.max_memory_allocated`` over the same steps, m
 
 Bank and negatives alone (no model): bytes of the N x D bank, of one B x K index draw, of the B x (1 + K)
 scores of one loss term (PIRL has two terms, each with its draw and scores, plus their gradients), and of the
-dense B x N product the bank uses instead of gathering rows while N <= 16 K; measured on the tensors.
+dense B x N product the bank uses instead of gathering rows while N <= MemoryBank.dense_ratio x K; measured on
+the tensors.
 
 Prints one JSON line per (negatives, what): what = "bank" | "step".
 

@@ -8,6 +8,7 @@ turned off.
 Prints one JSON line per setting (negatives x shared), with ``ratio`` = full step / trunk alone.
 
     python benchmarks/step.py --arch resnet18 --image-size 64 --patch-size 18 --batch 64 --negatives 4096 32000
+    python benchmarks/step.py --num-samples 1281167 --negatives 32000 --dense-ratio 16   # the gathered path
     python benchmarks/step.py --arch resnet50 --image-size 224 --patch-size 64 --batch 256 --device cuda \\
         --num-samples 1281167 --negatives 4096 32000 --shared off on
 """
@@ -23,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from pirl.bank import MemoryBank
 from pirl.config import load_config
 from pirl.methods import build_method
 
@@ -121,7 +123,7 @@ def measure(s: Setting, steps: int, rounds: int = 3) -> dict:
             "negatives": s.negatives, "bank_rows": s.num_samples, "shared_negatives": s.shared,
             "device": torch.cuda.get_device_name(device) if cuda else "cpu", "amp": cuda and s.amp,
             "channels_last": s.channels_last, "trunk_s": round(t, 4), "pirl_step_s": round(f, 4),
-            "ratio": round(f / t, 3), "threads": torch.get_num_threads()}
+            "ratio": round(f / t, 3), "dense_ratio": MemoryBank.dense_ratio, "threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -139,10 +141,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--no-amp", action="store_true", help="CUDA: no autocast")
     parser.add_argument("--no-channels-last", action="store_true", help="keep NCHW")
+    parser.add_argument("--dense-ratio", type=float, help="score densely while bank rows <= this x negatives "
+                        "(default: pirl.bank.MemoryBank.dense_ratio)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round counts")
     parser.add_argument("--repeats", type=int, dest="rounds", help="alias of --rounds")
     args = parser.parse_args()
+    if args.dense_ratio is not None:
+        MemoryBank.dense_ratio = args.dense_ratio
     for shared in (args.shared or ["on"]):
         for k in args.negatives:
             s = Setting(args.arch, args.stem, args.image_size, args.patch_size, args.batch, k, args.num_samples,

@@ -56,9 +56,9 @@ class MemoryBank(nn.Module):
     """
 
     # Dense scoring (one B x N x D matmul, then pick columns) beats copying B x K x D gathered rows while
-    # N <= dense_ratio * K: on 2 CPU cores, one term's forward + backward with B = 64, N = 1.28M took 0.67-0.83 s
-    # dense against 0.21 s gathered at K = 4,096 and 1.58 s at K = 32,000 (crossover near N / K = 85); with
-    # N = 50,000 and K = 4,096 dense cut the whole step from 1.27x to 1.07x the trunk alone (benchmarks/step.py).
+    # N <= dense_ratio * K: on 2 CPU cores the crossover for one term (B = 64, N = 1.28M) is near N / K = 80
+    # (benchmarks/bank_scoring.py); with N = 50,000 and K = 4,096 dense cut the whole step from 1.27x to 1.07x
+    # the trunk alone (benchmarks/step.py).
     dense_ratio: float = 64.0
     kind = "replicated"
 
