@@ -19,18 +19,22 @@ run() {  # run NAME CMD...: keep the JSON lines, tagged with NAME
 }
 
 # A full step against the trunk alone: cpu-quick, issue 4's 64 px setting (dense scoring against a 50k bank,
-# and against a 1.28M bank, where 32,000 negatives are scored densely and 4,096 gathered; once more with the
-# gathered path forced at 32,000), and ResNet-50 at the paper's sizes.
+# and against a 1.28M bank, where both 4,096 and 32,000 negatives are gathered rows; once more with the dense path
+# forced at 32,000 (the threshold before gathered_scores), and once with a float16 bank), and ResNet-50 at the
+# paper's sizes.
 run step $PY benchmarks/step.py --image-size 32 --patch-size 9 --batch 64 --num-samples 10000 --negatives 8192
 run step $PY benchmarks/step.py --image-size 64 --patch-size 18 --batch 64 --num-samples 50000 --negatives 4096 32000
 run step $PY benchmarks/step.py --image-size 64 --patch-size 18 --batch 64 --num-samples 1281167 \
     --negatives 4096 32000
 run step $PY benchmarks/step.py --image-size 64 --patch-size 18 --batch 64 --num-samples 1281167 \
-    --negatives 32000 --dense-ratio 16
+    --negatives 32000 --dense-ratio 64
+run step $PY benchmarks/step.py --image-size 64 --patch-size 18 --batch 64 --num-samples 1281167 \
+    --negatives 4096 32000 --bank-dtype float16
 run step $PY benchmarks/step.py --arch resnet50 --image-size 224 --patch-size 64 --batch 16 --num-samples 1281167 \
     --negatives 4096 32000 --steps 2 --rounds 2
 # One loss term scored densely against gathered rows: where the dense-scoring threshold comes from.
-run bank_scoring $PY benchmarks/bank_scoring.py --num-samples 1281167 --batch 64 --negatives 4096 16000 32000
+run bank_scoring $PY benchmarks/bank_scoring.py --num-samples 1281167 --batch 64 --negatives 4096 32000 128000
+run bank_scoring $PY benchmarks/bank_scoring.py --num-samples 50000 --batch 64 --negatives 1024 2048 4096 8192
 # The data pipeline per thread: real CIFAR-10 JPEGs, and photo-sized synthetic JPEGs (500x375).
 run data $PY benchmarks/data.py --data "$DATA" --images 500 --batched --batch 64
 run data $PY benchmarks/data.py --images 256 --synthetic-size 500x375 --batched --batch 64 --settings 64px paper

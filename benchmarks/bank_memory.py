@@ -1,7 +1,8 @@
 """Memory-bank size per GPU, replicated against sharded (``loss.bank``): plain arithmetic, nothing is allocated.
 
 Replicated: every process holds N x D rows. Sharded: process r holds rows r N / W to (r + 1) N / W, at most
-ceil(N / W) of them. Also prints what sharding costs instead: the bytes each process sends per step to fetch
+ceil(N / W) of them. Each row is stored as ``loss.bank_dtype`` (float32, or float16 at half the bytes; the
+element sizes come from :data:`pirl.bank.BANK_DTYPES`). Also prints what sharding costs instead: the bytes each process sends per step to fetch
 its scores from the owners (one int64 request and a float32 score each way per pair, two loss terms).
 
     python benchmarks/bank_memory.py
@@ -13,13 +14,21 @@ from __future__ import annotations
 import argparse
 import math
 
+import torch
+
+from pirl.bank import BANK_DTYPES
+
 FP32 = 4
 
 
-def bank_bytes(num_images: int, dim: int, world: int = 1, sharded: bool = False) -> int:
+def itemsize(dtype: str) -> int:
+    return torch.empty(0, dtype=BANK_DTYPES[dtype]).element_size()
+
+
+def bank_bytes(num_images: int, dim: int, world: int = 1, sharded: bool = False, dtype: str = "float32") -> int:
     """Bytes of bank rows on the most loaded process."""
     rows = math.ceil(num_images / world) if sharded else num_images
-    return rows * dim * FP32
+    return rows * dim * itemsize(dtype)
 
 
 def fetch_bytes_per_step(batch_per_gpu: int, negatives: int, terms: int = 2) -> int:
@@ -37,11 +46,13 @@ def human(num_bytes: float) -> str:
     return f"{num_bytes:.0f} B"
 
 
-def table(images: list[int], dim: int, worlds: list[int]) -> str:
-    head = ["images N", "replicated (any W)", *[f"sharded W={w}" for w in worlds]]
+def table(images: list[int], dim: int, worlds: list[int], dtypes: list[str]) -> str:
+    head = ["images N", "bank_dtype", "replicated (any W)", *[f"sharded W={w}" for w in worlds]]
     rows = [head, ["---"] * len(head)]
     for n in images:
-        rows.append([f"{n:,}", human(bank_bytes(n, dim)), *[human(bank_bytes(n, dim, w, True)) for w in worlds]])
+        for dtype in dtypes:
+            rows.append([f"{n:,}", dtype, human(bank_bytes(n, dim, dtype=dtype)),
+                         *[human(bank_bytes(n, dim, w, True, dtype)) for w in worlds]])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
@@ -52,9 +63,10 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[8, 64, 512])
     parser.add_argument("--batch", type=int, default=32, help="images per GPU (the paper: 32 x 32 GPUs)")
     parser.add_argument("--negatives", type=int, default=32000)
+    parser.add_argument("--dtypes", nargs="+", default=list(BANK_DTYPES), choices=list(BANK_DTYPES))
     args = parser.parse_args()
-    print(f"Bank memory per GPU, {args.dim}-d fp32 rows:\n")
-    print(table(args.images, args.dim, args.worlds))
+    print(f"Bank memory per GPU, {args.dim}-d rows:\n")
+    print(table(args.images, args.dim, args.worlds, args.dtypes))
     print(f"\nSharding's price: each process sends about {human(fetch_bytes_per_step(args.batch, args.negatives))} "
           f"per step to fetch its scores (B={args.batch} per GPU, K={args.negatives:,}, two loss terms), "
           f"whatever N and W.")

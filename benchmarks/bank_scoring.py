@@ -1,8 +1,9 @@
 """Where dense scoring beats gathered rows: one loss term against the memory bank, both ways, in one process.
 
 ``pirl.bank.MemoryBank.score`` scores B embeddings against K per-sample negatives either densely (one B x N
-product, then the K columns of each row are picked) or by gathering B x K rows and a batched product; it picks
-dense while N <= ``MemoryBank.dense_ratio`` x K. This times forward + backward (logsumexp of the scores) of one
+product, then the K columns of each row are picked) or from the B x K gathered rows (``pirl.bank.gathered_scores``:
+copied piece by piece into a reused buffer, backward as one ``embedding_bag``); it picks dense while
+N <= ``MemoryBank.dense_ratio`` x K. This times forward + backward (logsumexp of the scores) of one
 term each way, forcing the path, and prints one JSON line per K with both times and N / K, the quantity the
 threshold is set against.
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 
 import torch
@@ -40,18 +43,25 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--negatives", type=int, nargs="+", default=[4096, 32000])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--one", nargs=2, metavar=("K", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    bank = MemoryBank(args.num_samples)
+    if args.one:  # a single measurement, in a process of its own
+        torch.manual_seed(0)
+        bank = MemoryBank(args.num_samples)
+        negatives = torch.randint(0, args.num_samples, (args.batch, int(args.one[0])))
+        print(term_seconds(bank, args.batch, negatives, args.one[1] == "dense", args.repeats))
+        return
     for k in args.negatives:
-        negatives = torch.randint(0, args.num_samples, (args.batch, k))
-        dense = term_seconds(bank, args.batch, negatives, True, args.repeats)
-        gathered = term_seconds(bank, args.batch, negatives, False, args.repeats)
+        # each path in a fresh process: the dense path's huge temporaries change the heap a later run sees
+        seconds = {path: float(subprocess.run(
+            [sys.executable, __file__, "--num-samples", str(args.num_samples), "--batch", str(args.batch),
+             "--repeats", str(args.repeats), "--one", str(k), path], check=True, capture_output=True,
+            text=True).stdout.split()[-1]) for path in ("gathered", "dense")}
         print(json.dumps({"bank_rows": args.num_samples, "batch": args.batch, "negatives": k,
-                          "rows_per_negative": round(args.num_samples / k, 1), "dense_s": round(dense, 4),
-                          "gathered_s": round(gathered, 4), "dense_faster": dense < gathered,
+                          "rows_per_negative": round(args.num_samples / k, 1), "dense_s": round(seconds["dense"], 4),
+                          "gathered_s": round(seconds["gathered"], 4),
+                          "dense_faster": seconds["dense"] < seconds["gathered"],
                           "threads": torch.get_num_threads()}), flush=True)
-
 
 if __name__ == "__main__":
     main()

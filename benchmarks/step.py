@@ -42,6 +42,7 @@ class Setting:
     device: str = "cpu"
     amp: bool = True  # CUDA only, as train.amp
     channels_last: bool = True  # as train.channels_last (CPU and CUDA)
+    bank_dtype: str = "float32"  # as loss.bank_dtype
 
 
 def _sync(device: torch.device) -> None:
@@ -54,7 +55,8 @@ def build_steps(s: Setting) -> tuple[Callable[[], None], Callable[[], None], tor
     device = torch.device(s.device)
     cfg = load_config(None, [f"model.arch={s.arch}", f"model.stem={s.stem}", f"data.image_size={s.image}",
                              f"data.patch_size={s.patch}", f"data.jigsaw_crop={3 * s.patch + 3}",
-                             f"loss.negatives={s.negatives}", f"loss.share_negatives={s.shared}"])
+                             f"loss.negatives={s.negatives}", f"loss.share_negatives={s.shared}",
+                             f"loss.bank_dtype={s.bank_dtype}"])
     torch.manual_seed(0)
     method = build_method(cfg, s.num_samples).to(device)
     images = torch.randn(s.batch, 3, s.image, s.image, device=device)
@@ -121,6 +123,7 @@ def measure(s: Setting, steps: int, rounds: int = 3) -> dict:
     cuda = device.type == "cuda"
     return {"arch": s.arch, "stem": s.stem, "image": s.image, "patch": s.patch, "batch": s.batch,
             "negatives": s.negatives, "bank_rows": s.num_samples, "shared_negatives": s.shared,
+            "bank_dtype": s.bank_dtype,
             "device": torch.cuda.get_device_name(device) if cuda else "cpu", "amp": cuda and s.amp,
             "channels_last": s.channels_last, "trunk_s": round(t, 4), "pirl_step_s": round(f, 4),
             "ratio": round(f / t, 3), "dense_ratio": MemoryBank.dense_ratio, "threads": torch.get_num_threads()}
@@ -143,6 +146,7 @@ def main() -> None:
     parser.add_argument("--no-channels-last", action="store_true", help="keep NCHW")
     parser.add_argument("--dense-ratio", type=float, help="score densely while bank rows <= this x negatives "
                         "(default: pirl.bank.MemoryBank.dense_ratio)")
+    parser.add_argument("--bank-dtype", default="float32", choices=["float32", "float16"])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round counts")
     parser.add_argument("--repeats", type=int, dest="rounds", help="alias of --rounds")
@@ -152,7 +156,7 @@ def main() -> None:
     for shared in (args.shared or ["on"]):
         for k in args.negatives:
             s = Setting(args.arch, args.stem, args.image_size, args.patch_size, args.batch, k, args.num_samples,
-                        shared == "on", args.device, not args.no_amp, not args.no_channels_last)
+                        shared == "on", args.device, not args.no_amp, not args.no_channels_last, args.bank_dtype)
             print(json.dumps(measure(s, args.steps, args.rounds)), flush=True)
 
 

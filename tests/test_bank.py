@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pirl.bank import INIT_BLOCK, MemoryBank, build_bank, initial_rows
+from pirl import bank as bank_module
+from pirl.bank import INIT_BLOCK, MemoryBank, build_bank, gathered_scores, initial_rows
 from pirl.bank_sharded import ShardedMemoryBank
 from pirl.config import load_config
 from pirl.errors import PirlError
@@ -43,6 +44,30 @@ def test_score_dense_and_gather_paths_agree():
     assert torch.allclose(dense[2, 1:], bank.memory[neg[2]] @ emb[2], atol=1e-6)
 
 
+@pytest.mark.parametrize("piece", [7, 4096])  # several pieces per sample, and one
+def test_gathered_scores_and_their_gradient_match_plain_autograd(monkeypatch, piece):
+    monkeypatch.setattr(bank_module, "GATHER_PIECE", piece)
+    memory = F.normalize(torch.randn(300, 16, dtype=torch.float64), dim=1)
+    negatives = torch.randint(0, 300, (5, 23))
+    emb = F.normalize(torch.randn(5, 16, dtype=torch.float64), dim=1).requires_grad_()
+    weights = torch.randn(5, 23, dtype=torch.float64)  # a loss whose gradient differs per score
+    fast = gathered_scores(emb, memory, negatives)
+    (grad_fast,) = torch.autograd.grad((fast * weights).sum(), emb)
+    plain = torch.bmm(memory[negatives], emb.unsqueeze(2)).squeeze(2)
+    (grad_plain,) = torch.autograd.grad((plain * weights).sum(), emb)
+    assert torch.allclose(fast, plain, atol=1e-12) and torch.allclose(grad_fast, grad_plain, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda e: gathered_scores(e, memory, negatives), (emb,))
+
+
+def test_gathered_scores_refuse_a_backward_after_the_bank_changed():
+    bank = MemoryBank(100, 8)
+    emb = F.normalize(torch.randn(3, 8), dim=1).requires_grad_()
+    scores = gathered_scores(emb, bank.memory, torch.randint(0, 100, (3, 10)))
+    bank.update(torch.tensor([1, 2]), torch.randn(2, 8))  # the trainer updates only after backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        scores.sum().backward()
+
+
 def test_negatives_exclude_the_positive_when_asked_and_stay_uniform():
     bank = MemoryBank(5, 4)
     pos = torch.arange(5).repeat(400)
@@ -67,8 +92,8 @@ def test_negatives_of_a_rank_are_its_rows_of_the_global_draw():
 # --------------------------------------------------------------------------- sharded bank, one process
 
 
-def _shards(n: int, dim: int, world: int, seed: int = 0) -> list[ShardedMemoryBank]:
-    return [ShardedMemoryBank(n, dim, seed=seed, rank=r, world=world) for r in range(world)]
+def _shards(n: int, dim: int, world: int, seed: int = 0, dtype: str = "float32") -> list[ShardedMemoryBank]:
+    return [ShardedMemoryBank(n, dim, seed=seed, rank=r, world=world, dtype=dtype) for r in range(world)]
 
 
 def test_blocked_init_draws_any_rows_alone():
@@ -108,9 +133,10 @@ def _simulated_scores(shards, emb, positives, negatives):
                                                plans[asker][1], batch) for asker in range(world)])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("dense", [True, False])
-def test_simulated_fetch_gives_the_replicated_scores_and_gradients(dense):
-    bank, shards = MemoryBank(61, 8, seed=3), _shards(61, 8, 3, seed=3)
+def test_simulated_fetch_gives_the_replicated_scores_and_gradients(dense, dtype):
+    bank, shards = MemoryBank(61, 8, seed=3, dtype=dtype), _shards(61, 8, 3, seed=3, dtype=dtype)
     for b in [bank, *shards]:
         b.dense_ratio = 100.0 if dense else 0.0
     emb = F.normalize(torch.randn(12, 8), dim=1).requires_grad_()
@@ -178,3 +204,47 @@ def test_sync_batchnorm_conversion_keeps_parameters_and_acts_as_batchnorm_alone(
     x = torch.randn(6, 3, 6, 6)
     torch.testing.assert_close(net(x), reference(x))  # one process: plain BatchNorm
     torch.testing.assert_close(net[1].running_var, reference[1].running_var)
+
+
+@pytest.mark.parametrize("path", ["dense", "gathered", "shared"])
+def test_float16_bank_scores_train_like_the_float32_bank(path):
+    full, half = MemoryBank(500, 128, seed=2), MemoryBank(500, 128, seed=2, dtype="float16")
+    assert half.memory.dtype == torch.float16 and half.memory.element_size() * 2 == full.memory.element_size()
+    for b in (full, half):
+        b.dense_ratio = 100.0 if path == "dense" else 0.0
+    pos = torch.arange(0, 480, 40)
+    neg = full.sample_negatives(pos, 64, step=0, term=0, shared=path == "shared")
+    emb = F.normalize(torch.randn(12, 128), dim=1).requires_grad_()
+    want, got = full.score(emb, pos, neg), half.score(emb, pos, neg)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=5e-4)  # rows rounded to 11 significant bits
+    loss = lambda s: F.cross_entropy(s / 0.07, torch.zeros(len(s), dtype=torch.long))  # noqa: E731
+    (grad_want,) = torch.autograd.grad(loss(want), emb)
+    (grad_got,) = torch.autograd.grad(loss(got), emb)
+    assert (grad_got - grad_want).norm() / grad_want.norm() < 5e-3
+    # the update is computed in float32 and stored rounded: rows stay unit vectors, close to float32's
+    for b in (full, half):
+        b.update(pos, emb.detach())
+    assert half.memory.dtype == torch.float16
+    torch.testing.assert_close(half.memory.float(), full.memory, rtol=0, atol=1e-3)
+    assert (half.memory.float().norm(dim=1) - 1).abs().max() < 2e-3
+
+
+def test_float16_gathered_gradient_keeps_tiny_weights():
+    """Per-score gradients near 1 / K would fall into float16's subnormals unscaled."""
+    memory = F.normalize(torch.randn(1000, 32), dim=1)
+    negatives = torch.randint(0, 1000, (4, 300))
+    emb = F.normalize(torch.randn(4, 32), dim=1).requires_grad_()
+    weights = torch.full((4, 300), 1e-6) * torch.rand(4, 300)
+    (want,) = torch.autograd.grad((gathered_scores(emb, memory, negatives) * weights).sum(), emb)
+    (got,) = torch.autograd.grad((gathered_scores(emb, memory.half(), negatives) * weights).sum(), emb)
+    assert (got - want).norm() / want.norm() < 2e-3
+
+
+def test_checkpoints_move_between_bank_dtypes():
+    half = MemoryBank(30, 8, seed=1, dtype="float16")
+    full = MemoryBank(30, 8, seed=9)
+    full.load_state_dict(half.state_dict())
+    assert full.memory.dtype == torch.float32 and torch.equal(full.memory, half.memory.float())
+    with pytest.raises(ValueError, match="bank dtype"):
+        MemoryBank(30, 8, dtype="float64")

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 from pirl.config import load_config
-from pirl.data.batched import BatchedViews, DecodeResize, decode_size
+from pirl.data.batched import BatchedViews, DecodeResize, _color_jitter, _Draws, _hue, _jitter_draws, decode_size
 from pirl.data.views import PirlViews
 from pirl.errors import PirlError
 from tests.conftest import random_source, tiny_config
@@ -124,6 +125,73 @@ def test_seeded_generator_is_deterministic_and_the_global_batch_splits_like_one_
     halves = [views(images[r * 2:(r + 1) * 2], None, _gen(5), global_batch=4, offset=r * 2) for r in (0, 1)]
     for key in a:
         torch.testing.assert_close(torch.cat([h[key] for h in halves]), a[key], rtol=0, atol=1e-6)
+
+
+def _draws(seed: int, elements: int, per_sample: int = 1) -> _Draws:
+    batch = elements // per_sample
+    return _Draws(_gen(seed), batch, batch, 0, torch.device("cpu"))
+
+
+_TV_JITTER = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+
+
+@pytest.mark.parametrize("strength, p, per_sample", [
+    ((0.4, 0.4, 0.4, 0.1), 0.8, 1),
+    ((0.8, 0.8, 0.8, 0.2), 0.8, 3),
+    ((0.4, 0.4, 0.4, 0.2), 1.0, 4),
+    ((1.5, 0.0, 0.6, 0.0), 0.9, 1),  # a factor range clipped at 0, and ops ColorJitter skips
+    ((0.0, 0.0, 0.0, 0.3), 1.0, 2),  # hue alone
+])
+def test_color_jitter_is_torchvision_per_element_with_its_own_order_and_factors(strength, p, per_sample):
+    x = torch.rand(12, 3, 8, 8, generator=_gen(10))
+    out = _color_jitter(x, _draws(11, 12, per_sample), per_sample, strength, p)
+    on, order, factors = _jitter_draws(_draws(11, 12, per_sample), per_sample, strength, p)
+    assert on.shape == (12,) and order.shape == (12, 4) and factors.shape == (12, 4)
+    for i, v in enumerate(strength[:3]):
+        assert (factors[:, i] >= max(0.0, 1 - v)).all() and (factors[:, i] <= 1 + v).all()
+    assert (factors[:, 3].abs() <= strength[3]).all()
+    for e in range(12):
+        want = x[e]
+        if on[e]:
+            for op in order[e].tolist():
+                if strength[op]:  # ColorJitter leaves out an op whose range is [1, 1] ([0, 0] for hue)
+                    want = _TV_JITTER[op](want, float(factors[e, op]))
+            assert not torch.equal(out[e], x[e])
+        else:
+            assert torch.equal(out[e], x[e])  # not selected: untouched
+        torch.testing.assert_close(out[e], want, rtol=0, atol=1e-5)
+    assert len({tuple(o) for o in order[on].tolist()}) > 1  # the elements do not share one order
+    if p < 1:
+        assert not on.all() and on.any()
+
+
+def test_color_jitter_orders_are_uniform_over_all_24_per_element():
+    n = 4800
+    _, order, _ = _jitter_draws(_draws(12, n), 1, (0.4, 0.4, 0.4, 0.1), 0.8)
+    assert torch.equal(order.sort(1).values, torch.arange(4).expand(n, 4))
+    counts = {}
+    for o in map(tuple, order.tolist()):
+        counts[o] = counts.get(o, 0) + 1
+    assert len(counts) == 24
+    assert max(abs(c - n / 24) for c in counts.values()) < 60  # expected 200 each, sd about 14
+    # consecutive elements (e.g. the patches of one image) draw independent orders
+    assert (order[1:] != order[:-1]).any(1).float().mean() > 0.9
+
+
+def test_hue_is_torchvision_adjust_hue_with_a_factor_per_element():
+    x = torch.rand(6, 3, 16, 16, generator=_gen(13))
+    x[1] = torch.randint(0, 256, (3, 16, 16), generator=_gen(14)) / 255  # quantised: ties between channels
+    x[2, 1] = x[2, 0]  # R = G
+    x[3, 2] = x[3, 0]  # R = B
+    x[4] = x[4, :1]  # grey
+    x[5] = 0.0  # rows: red, green, blue, yellow, cyan, magenta, white, then black
+    for row, channels in enumerate(([0], [1], [2], [0, 1], [1, 2], [0, 2], [0, 1, 2])):
+        x[5, channels, row] = 1.0
+    for factor in (-0.5, -0.37, -0.2, -0.05, 0.0, 0.05, 0.1, 0.25, 1 / 3, 0.5):
+        torch.testing.assert_close(_hue(x, torch.full((6,), factor)), TF.adjust_hue(x, factor), rtol=0, atol=1e-5)
+    factors = torch.tensor([-0.45, -0.2, 0.0, 0.15, 0.3, -0.1])
+    want = torch.stack([TF.adjust_hue(x[e], float(factors[e])) for e in range(6)])
+    torch.testing.assert_close(_hue(x, factors), want, rtol=0, atol=1e-5)
 
 
 def test_rotated_view_is_the_view_of_the_turned_image():

@@ -48,6 +48,7 @@ def test_print_config_applies_shortcuts_and_overrides(capsys):
 @pytest.mark.parametrize("args, needle", [
     (["train", "--data", "/no/such/dir", "--out", "x"], "data path not found"),
     (["train", "--data", ".", "--out", "x", "loss.lam=2"], "loss.lam"),
+    (["train", "--data", ".", "--out", "x", "loss.bank_dtype=bfloat16"], "loss.bank_dtype"),
     (["train", "--data", ".", "--out", "x", "--preset", "nope"], "unknown preset"),
     (["export", "/no/such/run", "--out", "x"], "no such run"),
 ])

@@ -3,9 +3,10 @@ with the replicated and the sharded bank, and a sharded run's checkpoint resumes
 
 Every random draw is keyed by (seed, step, index), so data and negatives already match; ``train.sync_bn`` makes the
 BatchNorm statistics those of the global batch. The runs agree to rounding: float32 sums in another order, which
-this tiny, ill-conditioned network (16-pixel images, 4-pixel patches) amplifies step by step (run in float64, the
-same runs agree to every digit logged). The tolerances below are about 7x the differences seen, and the control
-run without sync_bn misses them by far. One torchrun launch does all the 2-process work (this file is its entry point).
+this tiny, ill-conditioned network (16-pixel images, 4-pixel patches) amplifies about 5x per step (run in float64,
+the same runs agree to every digit logged). So the first loss must agree to 1e-5 and the later ones to the rounding
+growth; the control run without sync_bn misses the first by two orders of magnitude more.
+One torchrun launch does all the 2-process work (this file is its entry point).
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ OPTS = ["optim.final_lr_ratio=1.0", "optim.base_lr=0.01", "loss.temperature=0.2"
         "train.sync_bn=true", "loss.bank_init=random", "model.head_bn=false"]
 # model.head_bn=true (cpu-quick's default since session 2) still differs by about 0.2% in the loss at step 2 under
 # sync_bn; not explained yet (tracked in issue 4), so this test pins the paper's plain heads.
-# Seen: losses within 7e-5 (relative), weights, buffers and bank within 4e-4; without sync_bn 1.4% and 0.2.
-LOSS_RTOL = 5e-4
-STATE_ATOL = 3e-3
+# Seen over two augmentation recipes: first loss within 4e-7 (relative), the fourth within 6.4e-4; weights,
+# buffers and bank within 1.7e-3. Without sync_bn: first loss 0.5-1.3% off, bank 0.23-0.40 off after one epoch.
+FIRST_LOSS_RTOL = 1e-5
+LOSS_RTOL = 2e-3
+STATE_ATOL = 5e-3
 
 
 # --------------------------------------------------------------------------- the torchrun side
@@ -159,11 +162,12 @@ def runs(tmp_path_factory) -> Path:
 def test_two_processes_reproduce_one_process(runs):
     one, two = _losses(runs / "one"), _losses(runs / "replicated")
     assert len(one) == len(two) == 4
+    np.testing.assert_allclose(two[0], one[0], rtol=FIRST_LOSS_RTOL)
     np.testing.assert_allclose(two, one, rtol=LOSS_RTOL)
     _assert_states_close(_state(runs / "replicated"), _state(runs / "one"))
     # the control: without sync_bn each process normalises over 4 images, and the runs part at once
     unsynced = _losses(runs / "unsynced")
-    assert abs(unsynced[0] - one[0]) > 10 * LOSS_RTOL * one[0]
+    assert abs(unsynced[0] - one[0]) > 100 * FIRST_LOSS_RTOL * one[0]
     first_epoch = _state(runs / "one", "checkpoint-e0001-s0000000.pt")
     assert (_state(runs / "unsynced")["bank.memory"] - first_epoch["bank.memory"]).abs().max() > 10 * STATE_ATOL
 

@@ -1,6 +1,7 @@
 import json
 import shutil
 
+import pytest
 import torch
 import torchvision
 from safetensors.torch import load_file
@@ -39,17 +40,21 @@ def test_resume_from_epoch_k_equals_uninterrupted_run(tmp_path):
     assert resumed == losses[-len(resumed):] and len(resumed) == 2 * len(losses) // 3
 
 
-def test_resume_from_a_mid_epoch_checkpoint(tmp_path):
+@pytest.mark.parametrize("bank_dtype", ["float32", "float16"])
+def test_resume_from_a_mid_epoch_checkpoint(tmp_path, bank_dtype):
     source = random_source(48)
-    train(tiny_config("optim.epochs=2"), source, tmp_path / "full", progress=False)
-    cfg = tiny_config("optim.epochs=2", "train.checkpoint_every_steps=2", "train.keep_checkpoints=10")
+    train(tiny_config("optim.epochs=2", f"loss.bank_dtype={bank_dtype}"), source, tmp_path / "full", progress=False)
+    cfg = tiny_config("optim.epochs=2", "train.checkpoint_every_steps=2", "train.keep_checkpoints=10",
+                      f"loss.bank_dtype={bank_dtype}")
     train(cfg, source, tmp_path / "mid", progress=False)
     # keep only a checkpoint from the middle of epoch 1, as if the run had died there
     for path in list_checkpoints(tmp_path / "mid"):
         if path.name != "checkpoint-e0000-s0000004.pt":
             path.unlink()
     train(cfg, source, tmp_path / "mid", resume=True, progress=False)
-    _assert_same(_final_state(tmp_path / "full")[0], _final_state(tmp_path / "mid")[0])
+    final = _final_state(tmp_path / "full")[0]
+    _assert_same(final, _final_state(tmp_path / "mid")[0])
+    assert final["bank.memory"].dtype == getattr(torch, bank_dtype)  # checkpoints keep the bank's storage
 
 
 def test_same_seed_same_run_and_other_seed_differs(tmp_path):

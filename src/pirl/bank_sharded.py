@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from pirl.bank import MemoryBank, initial_rows
+from pirl.bank import MemoryBank, dense_scores, initial_rows
 from pirl.collectives import all_gather, all_gather_nograd, all_to_all, distributed
 
 
@@ -34,7 +34,7 @@ class ShardedMemoryBank(MemoryBank):
     kind = "sharded"
 
     def __init__(self, num_samples: int, dim: int = 128, momentum: float = 0.5, seed: int = 0,
-                 rank: int | None = None, world: int | None = None) -> None:
+                 rank: int | None = None, world: int | None = None, dtype: str = "float32") -> None:
         if world is None:
             world = dist.get_world_size() if distributed() else 1
             rank = dist.get_rank() if distributed() else 0
@@ -42,7 +42,7 @@ class ShardedMemoryBank(MemoryBank):
         self.rank, self.world = rank, world
         self.bounds = [r * num_samples // world for r in range(world + 1)]
         self.start, self.stop = self.bounds[rank], self.bounds[rank + 1]
-        super().__init__(num_samples, dim, momentum, seed)
+        super().__init__(num_samples, dim, momentum, seed, dtype)
         # the first row of every later shard, for owner lookups on the bank's device
         self.register_buffer("_next_starts", torch.tensor(self.bounds[1:]), persistent=False)
 
@@ -93,8 +93,8 @@ class ShardedMemoryBank(MemoryBank):
         # Same rule as the replicated bank: the dense product costs B N D in total (W B x N / W per owner)
         # against about B (1 + K) D for the pairs, but avoids copying two (pairs x D) operands.
         if self.num_samples <= self.dense_ratio * k:
-            return (all_emb @ self.memory.T)[emb_rows, rows]
-        return (all_emb[emb_rows] * self.memory[rows]).sum(dim=1)
+            return dense_scores(all_emb, self.memory)[emb_rows, rows]
+        return (all_emb[emb_rows] * self.memory[rows].float()).sum(dim=1)
 
     @staticmethod
     def unsort(back: torch.Tensor, order: torch.Tensor, batch: int) -> torch.Tensor:
@@ -127,7 +127,7 @@ class ShardedMemoryBank(MemoryBank):
             if self.stop > self.start:
                 dist.send(self.memory.contiguous(), dst=0)
             return None
-        full = torch.empty(self.num_samples, self.dim)
+        full = torch.empty(self.num_samples, self.dim, dtype=self.memory.dtype)
         full[self.start:self.stop] = self.memory.cpu()
         for rank in range(1, self.world):  # one shard at a time: rank 0 holds at most one extra on its device
             lo, hi = self.bounds[rank], self.bounds[rank + 1]

@@ -87,7 +87,7 @@ def _choice(key: str, value: Any, choices: Iterable[str]) -> None:
 
 def validate(cfg: Config) -> None:
     """Raise :class:`PirlError` naming the first impossible value."""
-    from pirl.bank import BANK_KINDS
+    from pirl.bank import BANK_DTYPES, BANK_KINDS
     from pirl.models.trunk import ARCHS, STEMS
 
     d, m, lo, o, t = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.train
@@ -133,6 +133,7 @@ def validate(cfg: Config) -> None:
     _choice("loss.form", lo.form, ("infonce", "npid_nce", "paper_nce"))
     _choice("loss.bank_init", lo.bank_init, ("random", "features"))
     _choice("loss.bank", lo.bank, BANK_KINDS)
+    _choice("loss.bank_dtype", lo.bank_dtype, tuple(BANK_DTYPES))
     _check(0 <= lo.lam <= 1, "loss.lam", lo.lam, "must be in [0, 1]")
     _check(lo.temperature > 0, "loss.temperature", lo.temperature, "must be positive")
     _check(0 <= lo.bank_momentum < 1, "loss.bank_momentum", lo.bank_momentum, "must be in [0, 1)")

@@ -6,9 +6,9 @@ With ``data.batched_views: true``, DataLoader workers only decode and resize (:c
 :mod:`pirl.data.views` (spec §1.7): a RandomResizedCrop per sample for each view, a grid x grid lattice of
 ``jigsaw_crop // grid`` cells, one ``patch_size`` patch per cell at a random integer offset, a uniformly random
 order. The photometric augmentation is the same recipe per element (image or patch), written as tensor ops
-vectorised over all elements; it differs from torchvision's in two documented ways: the colour-jitter order is
-fixed (brightness, contrast, saturation, hue) instead of shuffled per element, and hue turns the chroma in YIQ
-space instead of shifting H in HSV.
+vectorised over all elements, with torchvision's formulas: ColorJitter is brightness, contrast, saturation and
+hue (H shifted in HSV) as in ``torchvision.transforms.v2.functional``, with each element's own factors and its
+own random order of the four, as ColorJitter's ``randperm(4)`` per call.
 
 All randomness comes from the ``torch.Generator`` passed in. Draws are made for the whole global batch and a
 process keeps its own rows, so several processes see the views one process would have made.
@@ -32,12 +32,9 @@ __all__ = ["BatchedViews", "DecodeResize", "decode_size", "photometric_batch"]
 
 _RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range, as in views.py
 _LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
-_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
-# RGB -> YIQ, turn (I, Q) by theta, back: M(theta) = KEEP + cos(theta) COS + sin(theta) SIN, precomputed here.
-_HUE_PARTS = tuple(torch.linalg.inv(_YIQ) @ m @ _YIQ for m in (
-    torch.diag(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)),
-    torch.diag(torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)),
-    torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)))
+# _hue's triangles for R, G, B: clamp(sign * |h - centre| + offset, 0, 1), each (1, 3, 1, 1)
+_HUE_TRIANGLES = tuple(torch.tensor(v).view(1, 3, 1, 1)
+                       for v in ([3.0, 2.0, 4.0], [-1.0, 1.0, 1.0], [2.0, -1.0, -1.0]))
 _DEVICE_COPIES: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
@@ -166,32 +163,94 @@ def _crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tenso
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    return (_LUMA[0] * x[:, 0] + _LUMA[1] * x[:, 1] + _LUMA[2] * x[:, 2]).unsqueeze(1)
+    """(N, 1, H, W) grey, computed as torchvision's rgb_to_grayscale."""
+    return x[:, 0].mul(_LUMA[0]).add_(x[:, 1], alpha=_LUMA[1]).add_(x[:, 2], alpha=_LUMA[2]).unsqueeze(1)
 
 
 def _blend(a: torch.Tensor, b: torch.Tensor | float, factor: torch.Tensor) -> torch.Tensor:
     return (factor.view(-1, 1, 1, 1) * a + (1 - factor.view(-1, 1, 1, 1)) * b).clamp(0, 1)
 
 
-def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Turn the chroma (I, Q) by ``shift`` of a full turn: a 3x3 colour matrix per element."""
-    keep, cos_part, sin_part = _cached(_HUE_PARTS, x.device, x.dtype)
-    theta = (2 * math.pi * shift).view(-1, 1, 1)
-    matrix = keep + torch.cos(theta) * cos_part + torch.sin(theta) * sin_part
-    n, c, h, w = x.shape
-    return torch.bmm(matrix, x.reshape(n, c, h * w)).view(n, c, h, w).clamp(0, 1)
+def _hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """adjust_hue of each element by its own ``factor`` (N,) in [-0.5, 0.5]: RGB -> HSV, H + factor (mod 1), back.
+
+    The round trip written out in RGB, with the same maths as torchvision's ``_rgb_to_hsv`` / ``_hsv_to_rgb``:
+    V = max, C = V - min, H6 = 6 H = (G - B) / C, 2 + (B - R) / C or 4 + (R - G) / C where R, else G, else B is
+    the max (0 where C = 0); then with h = H6 + 6 factor (mod 6) each channel is V - C w(h), w the clamped
+    triangle that picks torchvision's v, p = V - C, q = V - C f or t = V - C (1 - f) by sector:
+    R: clamp(2 - |h - 3|, 0, 1), G: clamp(|h - 2| - 1, 0, 1), B: clamp(|h - 4| - 1, 0, 1).
+    Float arithmetic only, in place where it can be (comparisons, where and fresh buffers are slow on CPU).
+    """
+    r, g, b = x.unbind(1)
+    v = x.amax(1)
+    span = torch.sub(v, x.amin(1))
+    not_r = torch.sub(v, r).sign_()  # 0 where R is the max, else 1
+    not_g = torch.sub(v, g).sign_()
+    # (G - B), else (B - R) where G is the max, else (R - G): lerp with a 0/1 weight picks one exactly
+    h = torch.sub(g, b).lerp_(torch.sub(b, r).lerp_(torch.sub(r, g), not_g), not_r).div_(span.clamp_min(1e-30))
+    h.add_(not_g.add_(1).mul_(not_r), alpha=2).add_(6 * factor.view(-1, 1, 1))  # + 0, 2 or 4, + the shift
+    h.sub_(torch.mul(h, 1 / 6).floor_(), alpha=6)  # mod 6
+    centre, sign, offset = _cached(_HUE_TRIANGLES, x.device, x.dtype)
+    w = torch.sub(h.unsqueeze(1), centre).abs_().mul_(sign).add_(offset).clamp_(0, 1)
+    return w.mul_(span.unsqueeze(1)).neg_().add_(v.unsqueeze(1))
+
+
+def _jitter_draws(draws: _Draws, n: int, strength: tuple[float, float, float, float],
+                  p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ColorJitter's parameters for each of the B * n elements: ``on`` (N,) whether it is jittered at all
+    (probability ``p``), ``order`` (N, 4) its own uniformly random order of the ops 0 brightness, 1 contrast,
+    2 saturation, 3 hue (ColorJitter's ``randperm(4)``), and ``factors`` (N, 4): U[max(0, 1 - v), 1 + v] for the
+    first three and U[-h, h] for hue, for ``strength`` (v_b, v_c, v_s, h)."""
+    u = draws.uniform(n, 9).flatten(0, 1)  # per element: applied?, four factors, four keys whose argsort is the order
+    ranges = [(max(0.0, 1.0 - v), 1.0 + v) for v in strength[:3]] + [(-strength[3], strength[3])]
+    factors = torch.stack([low + (high - low) * u[:, i + 1] for i, (low, high) in enumerate(ranges)], 1)
+    return u[:, 0] < p, u[:, 5:].argsort(1), factors
+
+
+def _blend_step_(x: torch.Tensor, keep: torch.Tensor, to_gray: torch.Tensor, to_mean: torch.Tensor) -> torch.Tensor:
+    """In place, x = clamp(keep x + to_gray grey + to_mean mean grey) with a weight of each kind per element (N,):
+    brightness, contrast or saturation with factor f is (f, 0, 0), (f, 0, 1 - f) or (f, 1 - f, 0), as torchvision's
+    adjust_brightness, adjust_contrast, adjust_saturation; (1, 0, 0) leaves an element (in [0, 1]) as it is."""
+    gray = _gray(x)
+    mean = gray.mean((1, 2, 3), keepdim=True).mul_(to_mean.view(-1, 1, 1, 1))
+    return x.mul_(keep.view(-1, 1, 1, 1)).add_(gray.mul_(to_gray.view(-1, 1, 1, 1)).add_(mean)).clamp_(0, 1)
 
 
 def _color_jitter(x: torch.Tensor, draws: _Draws, n: int, strength: tuple[float, float, float, float],
                   p: float) -> torch.Tensor:
-    b, c, s, hue = strength
-    u = draws.uniform(n, 5).flatten(0, 1)  # one draw per element: applied?, four factors
-    on = u[:, 0] < p
-    factors = [torch.where(on, 1 - v + 2 * v * u[:, i + 1], 1.0) for i, v in enumerate((b, c, s))]
-    x = _blend(x, 0.0, factors[0])
-    x = _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), factors[1])
-    x = _blend(x, _gray(x), factors[2])
-    return _hue(x, torch.where(on, hue * (2 * u[:, 4] - 1), 0.0)) if hue else x
+    """RandomApply(ColorJitter(*strength), p) on each element on its own: its own factors, its own op order.
+
+    Hue, the costly op, runs once, on all elements at once: before it come three blend steps, in which each
+    element does the first, second, third of its ops that precede hue, or nothing (factor 1) if it has fewer,
+    and after it three more for the ops that follow hue. Fixed shapes throughout, so no host sync. Elements not
+    drawn by ``p`` are put back as they were at the end.
+    """
+    on, order, factors = _jitter_draws(draws, n, strength, p)
+    if not any(strength):
+        return x
+    three = torch.arange(3, device=x.device)
+    hue_at = order.argsort(1)[:, 3:]  # (N, 1): where hue comes in each element's order
+    before = torch.where(three < hue_at, order[:, :3], 4)  # the ops before hue, padded with 4 ("nothing")
+    after = torch.cat([order, torch.full_like(order[:, :3], 4)], 1).gather(1, hue_at + 1 + three)
+    ops = torch.cat([before, after], 1)  # (N, 6): the blend steps before and after hue
+    if not strength[3]:  # no hue: the three blends in their order, the padding moved to the end
+        ops = ops.gather(1, (ops == 4).to(torch.uint8).argsort(dim=1, stable=True))[:, :3]
+    # blend factor of each step: 1 (no blend) for hue, "nothing" and an op ColorJitter leaves out (range [1, 1])
+    blend = torch.cat([factors, torch.ones_like(factors[:, :1])], 1)
+    for op in [3] + [op for op in range(3) if not strength[op]]:
+        blend[:, op] = 1.0  # in place: no host-to-device copy
+    keep = blend.gather(1, ops)
+    to_gray = (1 - keep) * (ops == 2).to(x.dtype)
+    to_mean = (1 - keep) * (ops == 1).to(x.dtype)
+    steps = list(range(ops.shape[1])) if any(strength[:3]) else []
+    y = x.clone()
+    for j in steps[:3]:
+        y = _blend_step_(y, keep[:, j], to_gray[:, j], to_mean[:, j])
+    if strength[3]:
+        y = _hue(y, factors[:, 3])
+    for j in steps[3:]:
+        y = _blend_step_(y, keep[:, j], to_gray[:, j], to_mean[:, j])
+    return y.lerp_(x, (~on).to(x.dtype).view(-1, 1, 1, 1))  # weight 0 or 1: y or x exactly
 
 
 def _grayscale(x: torch.Tensor, draws: _Draws, n: int, p: float) -> torch.Tensor:

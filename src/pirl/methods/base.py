@@ -122,7 +122,7 @@ class Method(BaseMethod):
     def __init__(self, cfg: Config, num_samples: int) -> None:
         super().__init__(cfg, num_samples)
         self.bank = build_bank(cfg.loss.bank, num_samples, cfg.model.embed_dim, cfg.loss.bank_momentum,
-                               cfg.train.seed)
+                               cfg.train.seed, cfg.loss.bank_dtype)
         self.criterion = BankLoss(cfg.loss.form, cfg.loss.temperature, num_samples)
 
     def bank_loss(self, emb: torch.Tensor, indices: torch.Tensor, step: int, term: int) -> torch.Tensor:
