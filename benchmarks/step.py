@@ -8,7 +8,7 @@ turned off.
 Prints one JSON line per setting (negatives x shared), with ``ratio`` = full step / trunk alone.
 
     python benchmarks/step.py --arch resnet18 --image-size 64 --patch-size 18 --batch 64 --negatives 4096 32000
-    python benchmarks/step.py --num-samples 1281167 --negatives 32000 --dense-ratio 16   # the gathered path
+    python benchmarks/step.py --num-samples 1281167 --negatives 32000 --dense-ratio 64   # force the dense path
     python benchmarks/step.py --arch resnet50 --image-size 224 --patch-size 64 --batch 256 --device cuda \\
         --num-samples 1281167 --negatives 4096 32000 --shared off on
 """
