@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from pirl.bank import MemoryBank
+from pirl.bank import BANK_DTYPES, MemoryBank
 from pirl.config import load_config
 from pirl.methods import build_method
 
@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--no-channels-last", action="store_true", help="keep NCHW")
     parser.add_argument("--dense-ratio", type=float, help="score densely while bank rows <= this x negatives "
                         "(default: pirl.bank.MemoryBank.dense_ratio)")
-    parser.add_argument("--bank-dtype", default="float32", choices=["float32", "float16"])
+    parser.add_argument("--bank-dtype", default="float32", choices=list(BANK_DTYPES))
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round counts")
     parser.add_argument("--repeats", type=int, dest="rounds", help="alias of --rounds")

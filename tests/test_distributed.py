@@ -41,7 +41,8 @@ OPTS = ["optim.final_lr_ratio=1.0", "optim.base_lr=0.01", "loss.temperature=0.2"
 # The paper's plain heads, not cpu-quick's model.head_bn=true: its BatchNorm over 8 nearly collinear embeddings
 # amplifies rounding about 10x more in the bank. That is rounding, not a 2-process error: with it, 1 and 2
 # processes differ by 7.6e-4 in the fourth loss and 0.016 in the bank, and one process with 1 thread against 2
-# by 5.8e-4 and 0.017. A bank tolerance that wide would no longer separate the unsynced control.
+# by 5.8e-4 and 0.017 (benchmarks/distributed_rounding.py). A bank tolerance that wide would no longer separate
+# the unsynced control.
 # Seen over two augmentation recipes: first loss within 4e-7 (relative), the fourth within 6.4e-4; weights,
 # buffers and bank within 1.7e-3. Without sync_bn: first loss 0.5-1.3% off, bank 0.23-0.40 off after one epoch.
 FIRST_LOSS_RTOL = 1e-5

@@ -19,8 +19,8 @@ from pirl.collectives import distributed as _distributed
 
 BANK_KINDS = ("replicated", "sharded")
 # Storage of the rows (``loss.bank_dtype``). float16 halves the bank's memory and the bytes each gather reads;
-# unit vectors lose nothing that matters in it (cosine scores within about 1e-4), and every score, loss and
-# update is still computed in float32.
+# unit vectors lose nothing that matters in it (cosine scores within 5e-4 of float32 ones, tests/test_bank.py),
+# and every score, loss and update is still computed in float32.
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Initial rows are drawn in blocks of this many rows, each from its own seed, so that a rank can draw the rows
 # it owns without drawing (and holding) the whole bank.
@@ -129,6 +129,10 @@ class MemoryBank(nn.Module):
         self.memory.index_copy_(0, rows, F.normalize(mixed, dim=1).to(self.memory.dtype))
 
 
+# Rows per piece of the CPU gather: 2 MB of fp32 rows at D = 128, which stays in a core's cache.
+GATHER_PIECE = 4096
+
+
 class _GatheredScores(torch.autograd.Function):
     """``s[b, k] = memory[negatives[b, k]] . emb[b]`` without keeping the B x K x D gathered rows.
 
@@ -190,10 +194,6 @@ def _pieces(memory: torch.Tensor, negatives: torch.Tensor, dtype: torch.dtype):
             if widened is not buffer:
                 rows = widened[:stop - start].copy_(rows)
             yield b, start, rows
-
-
-# Rows per piece of the CPU gather: 2 MB of fp32 rows at D = 128, which stays in a core's cache.
-GATHER_PIECE = 4096
 
 
 def dense_scores(emb: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
