@@ -19,7 +19,7 @@ from pirl.eval.features import (
     pooled_size,
 )
 from pirl.eval.knn import knn_accuracies, knn_accuracy, knn_predict
-from pirl.eval.linear import linear_probe, stratified_split
+from pirl.eval.linear import DEFAULT_WEIGHT_DECAYS, linear_probe, stratified_split
 from pirl.models.trunk import build_trunk
 
 
@@ -174,3 +174,61 @@ def test_eval_transform_sizes() -> None:
     torch.testing.assert_close(out[:, 0, 0], torch.tensor([128 / 255, 64 / 255, 1.0]).sub(0.5).div(0.25))
     small = eval_transform(32, (0.0,) * 3, (1.0,) * 3)
     assert small(Image.new("RGB", (32, 32))).shape == (3, 32, 32)
+
+
+
+
+def _probe_with_val_curve(monkeypatch, peak: float, grid: tuple[float, ...]) -> dict:
+    """Run linear_probe with a held-out accuracy that is a known function of the penalty, peaking at ``peak``."""
+    import math
+
+    import pirl.eval.linear as linear
+
+    real_fit, real_top1, penalty_of = linear._fit, linear._top1, {}
+
+    def fit(x, y, n_cls, wd, max_iter, init=None):
+        params = real_fit(x, y, n_cls, wd, max_iter, init)
+        penalty_of[id(params)] = wd
+        return params
+
+    def top1(x, y, params):
+        if x.shape[0] == 30:  # the held-out split of the 300 training rows
+            return 1.0 - abs(math.log10(penalty_of[id(params)]) - math.log10(peak)) / 10
+        return real_top1(x, y, params)
+
+    monkeypatch.setattr(linear, "_fit", fit)
+    monkeypatch.setattr(linear, "_top1", top1)
+    xtr, ytr = _clusters(100, 3, 4, 1.0, seed=0)
+    return linear.linear_probe(xtr, ytr, xtr[:10], ytr[:10], max_iter=5, weight_decays=grid, val_fraction=0.1)
+
+
+def test_linear_probe_grid_grows_until_the_best_penalty_is_inside(monkeypatch) -> None:
+    res = _probe_with_val_curve(monkeypatch, peak=1.0, grid=(1e-4, 1e-3, 1e-2))
+    assert res["weight_decay"] == 1.0
+    assert res["grid_extensions"] == 3 and not res["weight_decay_at_edge"]
+    assert sorted(res["val_top1_by_weight_decay"]) == [1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0]
+
+
+def test_linear_probe_grid_grows_downwards_too(monkeypatch) -> None:
+    res = _probe_with_val_curve(monkeypatch, peak=1e-6, grid=(1e-4, 1e-3))
+    assert res["weight_decay"] == 1e-6 and res["grid_extensions"] == 3 and not res["weight_decay_at_edge"]
+
+
+def test_linear_probe_grid_growth_is_bounded_and_reported(monkeypatch) -> None:
+    import pirl.eval.linear as linear
+
+    res = _probe_with_val_curve(monkeypatch, peak=1e6, grid=(1e-4, 1e-3))
+    assert res["grid_extensions"] == linear.MAX_GRID_EXTENSIONS
+    assert res["weight_decay"] == 1.0 and res["weight_decay_at_edge"]
+
+
+def test_linear_probe_default_grid_holds_an_interior_peak(monkeypatch) -> None:
+    res = _probe_with_val_curve(monkeypatch, peak=1e-2, grid=DEFAULT_WEIGHT_DECAYS)
+    assert res["weight_decay"] == 1e-2 and res["grid_extensions"] == 0 and not res["weight_decay_at_edge"]
+
+
+def test_linear_probe_single_penalty_is_not_extended() -> None:
+    xtr, ytr = _clusters(40, 3, 10, 1.0, seed=0)
+    xte, yte = _clusters(20, 3, 10, 1.0, seed=1)
+    res = linear_probe(xtr, ytr, xte, yte, max_iter=50, weight_decays=(1e-2,))
+    assert res["grid_extensions"] == 0 and res["weight_decay"] == 1e-2

@@ -16,7 +16,11 @@ import torch.nn.functional as F
 
 from pirl.errors import PirlError
 
-DEFAULT_WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2)
+# Half-decades around the usual optimum for standardised features; the grid grows further while the best value
+# lies on its edge (see ``extend_grid``), so the chosen penalty is always an interior point or a bound reached.
+DEFAULT_WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+# How far the grid may grow past its edges: one decade per step, at most this many steps each way.
+MAX_GRID_EXTENSIONS = 3
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +89,11 @@ def _top1(x: torch.Tensor, y: torch.Tensor, params: tuple[torch.Tensor, torch.Te
     return (torch.addmm(params[1], x, params[0]).argmax(1) == y).float().mean().item()
 
 
+def _best(val_scores: dict[float, float]) -> float:
+    """The penalty with the best held-out accuracy; ties go to the stronger penalty."""
+    return max(sorted(val_scores, reverse=True), key=lambda wd: val_scores[wd])
+
+
 def linear_probe(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
@@ -102,7 +111,10 @@ def linear_probe(
 
     Returns ``top1`` (test accuracy fraction), ``val_top1`` (held-out accuracy of the chosen penalty, NaN when
     there was nothing to select), ``weight_decay`` (chosen), ``val_top1_by_weight_decay``, ``train_top1``,
-    ``max_iter``, ``num_classes`` and ``seconds``. ``max_iter`` bounds the L-BFGS iterations per fit.
+    ``max_iter``, ``num_classes`` and ``seconds``. ``max_iter`` bounds the L-BFGS iterations per fit. When the
+    best held-out penalty is the largest or smallest of ``weight_decays``, the grid is extended a decade at a
+    time (at most ``MAX_GRID_EXTENSIONS`` steps each way) until it is not; ``grid_extensions`` counts the extra
+    fits and ``weight_decay_at_edge`` says whether the best value is still on an edge.
     """
     t0 = time.perf_counter()
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
@@ -129,19 +141,30 @@ def linear_probe(
 
     wds = sorted({float(wd) for wd in weight_decays}, reverse=True)
     val_scores: dict[float, float] = {}
-    init = None
     fitted: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+    extended = 0
     if len(wds) > 1 and val_fraction > 0:
         tr, va = stratified_split(y_train, val_fraction, seed)
         if va.numel() > 0:
             tr, va = tr.to(dev), va.to(dev)
-            for wd in wds:  # strongest penalty first: each solution warm-starts the next, weaker one
-                init = _fit(x_train[tr], y_train[tr], n_cls, wd, max_iter, init)
-                fitted[wd] = init
-                val_scores[wd] = _top1(x_train[va], y_train[va], init)
+
+            def score(grid: list[float], init: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+                for wd in grid:  # in the order given: each solution warm-starts the next fit
+                    init = _fit(x_train[tr], y_train[tr], n_cls, wd, max_iter, init)
+                    fitted[wd] = init
+                    val_scores[wd] = _top1(x_train[va], y_train[va], init)
+
+            score(wds, None)  # strongest penalty first
+            for _ in range(MAX_GRID_EXTENSIONS):
+                best = _best(val_scores)
+                edge = max(val_scores) if best == max(val_scores) else min(val_scores) if best == min(val_scores) else None
+                if edge is None:
+                    break
+                step = 10.0 if edge == max(val_scores) else 0.1
+                score([float(f"{edge * step:.6g}")], fitted[edge])
+                extended += 1
     if val_scores:
-        # Ties go to the stronger penalty (first in the list).
-        best = max(wds, key=lambda wd: val_scores[wd])
+        best = _best(val_scores)
     else:
         best = wds[0] if len(wds) == 1 else wds[len(wds) // 2]
     params = _fit(x_train, y_train, n_cls, best, max_iter, fitted.get(best))
@@ -149,7 +172,10 @@ def linear_probe(
         "top1": _top1(x_test, y_test, params),
         "val_top1": val_scores.get(best, float("nan")),
         "weight_decay": best,
-        "val_top1_by_weight_decay": val_scores,
+        "val_top1_by_weight_decay": dict(sorted(val_scores.items())),
+        # True when the best penalty is the largest or smallest tried even after extending the grid.
+        "weight_decay_at_edge": bool(val_scores) and best in (max(val_scores), min(val_scores)),
+        "grid_extensions": extended,
         "train_top1": _top1(x_train, y_train, params),
         "max_iter": max_iter,
         "num_classes": n_cls,
