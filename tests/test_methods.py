@@ -220,3 +220,42 @@ def test_pirl_with_rotation_pretexts_trains(tmp_path, pretext):
     assert np.isfinite(summary["loss"]) and all("loss_transformed" in r for r in rows if r["kind"] == "train")
     g = "encoder.heads.g.proj.weight" if pretext == "rotation" else "encoder.heads.g.concat_proj.weight"
     assert g in _final(tmp_path / "run")
+
+
+def _bn_buffers(trunk) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trunk.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("pretext", ["jigsaw", "rotation"])
+def test_transformed_bn_stats_false_keeps_the_running_stats_of_the_image_pass_alone(one_thread, pretext):
+    import copy
+
+    cfg = tiny_config(f"loss.pretext={pretext}", "loss.transformed_bn_stats=false")
+    method = build_method(cfg, 8, random_source(8))
+    batch = _real_batch(method)
+    reference = copy.deepcopy(method.encoder.trunk)
+    before = _bn_buffers(method.encoder.trunk)
+    out = method.training_step(batch, step=0)
+    out.loss.backward()
+    reference(batch["image"])  # the image view alone, through an untouched copy of the trunk
+    after, expected = _bn_buffers(method.encoder.trunk), _bn_buffers(reference)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the image pass did update them
+    for k in after:
+        torch.testing.assert_close(after[k], expected[k], rtol=1e-5, atol=1e-6)
+    # the transformed term still trains the trunk, with batch statistics of its own
+    assert float(out.logs["loss_transformed"]) > 0
+    assert method.encoder.trunk.bn1.momentum == 0.1
+
+
+def test_transformed_bn_stats_true_is_the_paper_mix_of_both_passes(one_thread):
+    import copy
+
+    cfg = tiny_config("loss.pretext=jigsaw")
+    method = build_method(cfg, 8, random_source(8))
+    batch = _real_batch(method)
+    reference = copy.deepcopy(method.encoder.trunk)
+    method.training_step(batch, step=0)
+    reference(batch["image"])
+    after, image_only = _bn_buffers(method.encoder.trunk), _bn_buffers(reference)
+    assert not torch.allclose(after["bn1.running_mean"], image_only["bn1.running_mean"])
+    assert int(after["bn1.num_batches_tracked"]) == 2  # patches, then image

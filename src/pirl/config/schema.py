@@ -55,6 +55,11 @@ class LossConfig:
     method: str = "pirl"
     pretext: str = "jigsaw"  # "jigsaw", "rotation" or "jigsaw_rotation"
     lam: float = 0.5  # weight of the transformed-view term; 1 - lam weights the image term
+    # Whether the transformed view's forward pass (the patches or the turned image) updates the trunk's BatchNorm
+    # running statistics. true: as the paper and VISSL, so the frozen trunk is evaluated with statistics partly of
+    # patches; false: it still normalises with its own batch statistics, but only the image view's batches move the
+    # running estimates that evaluation and export use.
+    transformed_bn_stats: bool = True
     form: str = "infonce"  # "infonce", "npid_nce" (NCE with a frozen Z, as VISSL) or "paper_nce" (Eq. 3-4)
     temperature: float = 0.07
     negatives: int = 32000

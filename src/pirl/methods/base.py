@@ -10,8 +10,10 @@ export keeps the ``encoder.trunk.`` weights alone, so every method exports the s
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -41,9 +43,36 @@ class Encoder(nn.Module):
         self.trunk = trunk
         self.heads = nn.ModuleDict(heads)
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``inputs`` maps a head name to the images it embeds; images of a head go through the trunk as one batch."""
-        return {name: self.heads[name](self.trunk(x)) for name, x in inputs.items()}
+    def forward(self, inputs: dict[str, torch.Tensor], keep_bn_stats: frozenset[str] = frozenset()
+                ) -> dict[str, torch.Tensor]:
+        """``inputs`` maps a head name to the images it embeds; images of a head go through the trunk as one batch.
+
+        The passes of the heads named in ``keep_bn_stats`` normalise with their batch statistics as usual but leave
+        the BatchNorm running statistics as they were.
+        """
+        out = {}
+        for name, x in inputs.items():
+            with bn_running_stats_frozen(self.trunk, name in keep_bn_stats):
+                out[name] = self.heads[name](self.trunk(x))
+        return out
+
+
+@contextlib.contextmanager
+def bn_running_stats_frozen(module: nn.Module, frozen: bool = True) -> Iterator[None]:
+    """Within the block, training-mode BatchNorm layers of ``module`` use batch statistics but do not update their
+    running estimates (momentum 0: running = running); restored on exit, also on error."""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if frozen else []
+    saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in layers]
+    try:
+        for m in layers:
+            m.momentum = 0.0
+        yield
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 class BankLoss(nn.Module):

@@ -37,7 +37,8 @@ class PIRL(Method):
         # The transformed view goes first, as in VISSL (it sets the order of the BatchNorm running-stat updates).
         inputs = {"g": self.transformed_input(batch)} if lam > 0 else {}
         inputs["f"] = batch["image"]
-        emb = encoder(inputs)
+        keep = frozenset() if self.cfg.loss.transformed_bn_stats else frozenset({"g"})
+        emb = encoder(inputs, keep_bn_stats=keep) if keep else encoder(inputs)
         e_img = unit(emb["f"])
         loss_img = self.bank_loss(e_img, idx, step, term=1)
         logs = {"loss_image": loss_img.detach()}
