@@ -17,7 +17,7 @@ from typing import IO, Callable
 from pirl.errors import PirlError
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_with", "open_append", "read_regular",
-           "inside"]
+           "inside", "save_figure", "printable"]
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
@@ -107,3 +107,18 @@ def read_regular(path: str | os.PathLike, max_bytes: int, *, root: str | os.Path
         raise PirlError(f"{path}: cannot read ({exc.strerror or exc})") from None
     finally:
         os.close(fd)
+
+
+def save_figure(fig: object, path: str | os.PathLike, **kwargs: object) -> None:
+    """``fig.savefig`` into memory, then an atomic write of the PNG (a link at ``path`` is replaced)."""
+    import io
+
+    buf = io.BytesIO()
+    kwargs.setdefault("format", "png")
+    fig.savefig(buf, **kwargs)  # type: ignore[attr-defined]
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on any terminal: undecodable file-name bytes shown as ``\\xNN`` escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
