@@ -76,9 +76,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise PirlError(f"{path}: not a loadable pirl checkpoint ({reason[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise PirlError(f"{path}: not a pirl checkpoint")
-    problem = _checkpoint_problem(state)
-    if problem:
-        raise PirlError(f"{path}: malformed pirl checkpoint ({problem})")
     return state
 
 
@@ -149,16 +146,23 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def open_checkpoint(run_or_checkpoint: str | Path) -> tuple[Path, dict[str, Any]]:
-    """(path, state) of a checkpoint file as given, or of the latest loadable checkpoint of a run directory."""
+    """(path, state) of a checkpoint file as given, or of the latest loadable checkpoint of a run directory.
+
+    The state must hold what evaluation and export read (config fields, trunk tensors, epoch and step).
+    """
     path = Path(run_or_checkpoint)
     if path.is_dir():
         found = load_latest(path)
         if found is None:
             raise PirlError(f"no checkpoint found in run directory {path}")
-        return found
-    if not path.exists():
+    elif not path.exists():
         raise PirlError(f"no such run directory or checkpoint: {path}")
-    return path, load_checkpoint(path)
+    else:
+        found = path, load_checkpoint(path)
+    problem = _checkpoint_problem(found[1])
+    if problem:  # what evaluation and export read, checked here rather than met as a KeyError later
+        raise PirlError(f"{found[0]}: malformed pirl checkpoint ({problem})")
+    return found
 
 
 def trunk_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:

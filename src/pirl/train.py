@@ -339,7 +339,7 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
             warnings.warn(f"--resume: no checkpoint in {run_dir}; starting from scratch", stacklevel=2)
         else:
             path, state = found
-            missing = [k for k in ("optimizer", "global_step", "rng") if k not in state]
+            missing = [k for k in ("method", "optimizer", "epoch", "step", "global_step", "rng") if k not in state]
             if missing or not isinstance(state["rng"], dict) or "torch" not in state["rng"]:
                 raise PirlError(f"{path}: cannot resume from it, it lacks {', '.join(missing) or 'rng.torch'}")
             method.load_state_dict(state["method"])
