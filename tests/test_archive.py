@@ -190,3 +190,102 @@ def test_corrupt_archives(tmp_path: Path) -> None:
 def test_missing_archive(tmp_path: Path) -> None:
     with pytest.raises(PirlError, match="archive not found"):
         extract_archive(tmp_path / "nope.zip", tmp_path / "cache")
+
+
+# --------------------------------------------------------------------------- crafted inputs from a review
+
+
+def test_dotdot_link_name_cannot_bypass_the_link_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A link stored as ``p/q/a/../s`` used to escape the check done on ``p/q/s``; with tarfile's own
+    filter switched off, pirl's check alone must refuse it and write nothing outside the cache."""
+    monkeypatch.setattr(archive_mod, "_HAS_TAR_FILTERS", False)
+    src = _make_tar(tmp_path / "bypass.tar", [
+        ("p/q/a", {"type": tarfile.DIRTYPE}),
+        ("p/q/a/../s", {"type": tarfile.SYMTYPE, "linkname": "../.."}),
+        ("p/q/s/../../X", {"data": b"pwned"}),
+    ], "w")
+    cache = tmp_path / "box" / "cache"
+    with pytest.raises(PirlError, match=r"'p/q/a/\.\./s'.*'\.\.' in the member name"):
+        extract_archive(src, cache)
+    assert _listing(cache) == []
+    assert not any(p.name == "X" for p in tmp_path.rglob("*"))
+
+
+def test_link_escaping_on_disk_is_caught_after_extraction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``a\\b`` reads as ``a/b`` to the lexical check (inside) but is one name on disk, where ``..`` leaves the
+    folder: the real-path check after each member refuses it, with tarfile's filter off."""
+    monkeypatch.setattr(archive_mod, "_HAS_TAR_FILTERS", False)
+    src = _make_tar(tmp_path / "slash.tar", [("a\\b", {"type": tarfile.SYMTYPE, "linkname": ".."}),
+                                             ("ok.txt", {"data": b"fine"})], "w")
+    cache = tmp_path / "box" / "cache"
+    with pytest.raises(PirlError, match="resolves outside the target folder"):
+        extract_archive(src, cache)
+    assert _listing(cache) == []
+
+
+def _sparse_tar(path: Path, real_size: int) -> Path:
+    """A GNU sparse member storing 512 bytes but claiming ``real_size`` (tarfile cannot write these)."""
+    info = tarfile.TarInfo("hole.bin")
+    info.type = tarfile.GNUTYPE_SPARSE
+    info.size = 512
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[386:398] = b"%012o" % (real_size - 512)  # one data block at the very end
+    header[398:410] = b"%011o\0" % 512
+    header[483:495] = b"%012o" % real_size
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header[:512])
+    path.write_bytes(bytes(header) + b"z" * 512 + b"\0" * 1024)
+    with tarfile.open(path) as tar:  # tarfile reads it as a sparse member of the claimed size
+        (member,) = tar.getmembers()
+        assert member.issparse() and member.size == real_size
+    return path
+
+
+def test_sparse_member_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(archive_mod, "_HAS_TAR_FILTERS", False)
+    src = _sparse_tar(tmp_path / "sparse.tar", 32 << 30)
+    assert src.stat().st_size < 4096
+    with pytest.raises(PirlError, match="'hole.bin': sparse file"):
+        extract_archive(src, tmp_path / "cache")
+    assert _listing(tmp_path / "cache") == []
+
+
+def test_zip_bomb_refused_by_ratio(tmp_path: Path) -> None:
+    src = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(src, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zeros.png", b"\0" * (8 << 20))
+    assert src.stat().st_size < 64 << 10
+    with pytest.raises(PirlError, match=r"unpacks to [\d,]+ times its size .* PIRL_ARCHIVE_MAX_RATIO"):
+        extract_archive(src, tmp_path / "cache")
+    assert _listing(tmp_path / "cache") == []
+    # a trusted archive passes once the limit is raised
+    out = extract_archive(src, tmp_path / "cache", limits=archive_mod.ArchiveLimits(max_ratio=1e6))
+    assert (out / "zeros.png").stat().st_size == 8 << 20
+
+
+def test_member_count_and_total_bytes_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = _make_tar(tmp_path / "many.tar", [(f"d/{i}.txt", {"data": b"12345678"}) for i in range(20)], "w")
+    monkeypatch.setenv("PIRL_ARCHIVE_MAX_MEMBERS", "10")
+    with pytest.raises(PirlError, match="20 members, more than the limit of 10; .*PIRL_ARCHIVE_MAX_MEMBERS"):
+        extract_archive(src, tmp_path / "cache")
+    monkeypatch.delenv("PIRL_ARCHIVE_MAX_MEMBERS")
+    monkeypatch.setenv("PIRL_ARCHIVE_MAX_BYTES", "100")
+    with pytest.raises(PirlError, match="unpacks to 160 bytes, more than the limit of 100"):
+        extract_archive(src, tmp_path / "cache")
+    monkeypatch.setenv("PIRL_ARCHIVE_MAX_BYTES", "lots")
+    with pytest.raises(PirlError, match="PIRL_ARCHIVE_MAX_BYTES must be a number"):
+        extract_archive(src, tmp_path / "cache")
+    monkeypatch.delenv("PIRL_ARCHIVE_MAX_BYTES")
+    assert len(list((extract_archive(src, tmp_path / "cache") / "d").iterdir())) == 20
+
+
+def test_same_size_same_mtime_replacement_gets_new_folder(tmp_path: Path) -> None:
+    src = _make_tar(tmp_path / "data.tar", [("top/a.txt", {"data": b"old!"})], "w")
+    st = src.stat()
+    first = extract_archive(src, tmp_path / "cache")
+    replacement = _make_tar(tmp_path / "new.tar", [("top/a.txt", {"data": b"new!"})], "w")
+    assert replacement.stat().st_size == st.st_size
+    os.replace(replacement, src)
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime as the old archive
+    second = extract_archive(src, tmp_path / "cache")
+    assert second != first and (second / "top/a.txt").read_bytes() == b"new!"

@@ -153,13 +153,13 @@ def test_extract_features_cached_second_call_loads(tmp_path, tiny_dataset: Tenso
     f1, y1 = extract_features_cached(trunk, tiny_dataset, cache_dir=tmp_path, key_parts=key, device="cpu")
     n_calls = trunk.calls
     assert n_calls > 0 and len(list(tmp_path.glob("*/features.pt"))) == 1
+    (path,) = tmp_path.glob("*/features.pt")
     f2, y2 = extract_features_cached(trunk, tiny_dataset, cache_dir=tmp_path, key_parts=dict(key), device="cpu")
     assert trunk.calls == n_calls
     assert torch.equal(f1, f2) and torch.equal(y1, y2)
     extract_features_cached(trunk, tiny_dataset, cache_dir=tmp_path, key_parts={**key, "split": "val"}, device="cpu")
     assert trunk.calls > n_calls
     # A truncated cache file is recomputed and rewritten rather than crashing.
-    path = tmp_path / cache_key({**key, "stage": "pool", "pooled_dim": None}) / "features.pt"
     path.write_bytes(b"garbage")
     n_calls = trunk.calls
     f3, _ = extract_features_cached(trunk, tiny_dataset, cache_dir=tmp_path, key_parts=key, device="cpu")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +139,7 @@ def test_text_file_with_image_extension(tmp_path: Path) -> None:
     fake.write_text("this is not a picture\n" * 20)
     with pytest.raises(BadImageError) as info:
         load_rgb(fake)
-    assert str(info.value) == f"{fake}: not an image file (or an unsupported format)"
+    assert str(info.value) == f"{fake}: not an image file, or not one of JPEG, PNG, WEBP, BMP, GIF, TIFF"
     assert isinstance(info.value, PirlError)
 
 
@@ -184,5 +185,55 @@ def test_draft_size_keeps_short_side(tmp_path: Path) -> None:
 
 
 def test_is_image_file() -> None:
-    assert is_image_file("a/B.JPG") and is_image_file("x.tiff") and is_image_file("x.PGM")
+    assert is_image_file("a/B.JPG") and is_image_file("x.tiff") and is_image_file("x.WebP")
+    assert not is_image_file("x.PGM")  # PPM/PGM are outside the decoder allowlist
     assert not is_image_file("x.txt") and not is_image_file("jpg")
+
+
+# --------------------------------------------------------------------------- crafted inputs from a review
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` pixels in a few dozen bytes (its pixels never decode)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_default_pixel_limit_refuses_bombs_without_touching_pillow(tmp_path: Path) -> None:
+    before = Image.MAX_IMAGE_PIXELS
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header(10_000, 9_000))  # 90 M pixels, just above the default
+    with pytest.raises(BadImageError, match=r"image too large \(10000x9000 = 90000000 pixels > 89478485"):
+        load_rgb(bomb)
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_decoder_allowlist_keeps_eps_away_from_ghostscript(tmp_path: Path) -> None:
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    fake = tmp_path / "x.png"
+    fake.write_bytes(eps)
+    assert Image.open(io.BytesIO(eps)).format == "EPS"  # what Pillow alone would pick from the content
+    with pytest.raises(BadImageError, match="x.png: not an image file, or not one of JPEG, PNG"):
+        load_rgb(fake)
+
+
+def test_file_size_cap_applies_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pirl.data.images as images_mod
+
+    big = tmp_path / "big.png"
+    with open(big, "wb") as fh:  # a sparse 1 GiB file: reading it whole would cost 1 GiB
+        fh.truncate(1 << 30)
+    monkeypatch.setattr(images_mod, "_max_bytes", 1 << 20)
+    with pytest.raises(BadImageError, match=r"big.png: file too large \(1,073,741,824 bytes > 1,048,576; .*"
+                                            "PIRL_MAX_IMAGE_BYTES"):
+        load_rgb(big)
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(BadImageError, match="pipe.png: not a regular file"):
+        load_rgb(fifo)  # refused at once, does not wait for a writer

@@ -79,6 +79,54 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def _get(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            raise KeyError(dotted)
+        tree = tree[part]
+    return tree
+
+
+_CONFIG_FIELDS = {"model.arch": str, "model.stem": str, "data.image_size": int, "data.mean": list,
+                  "data.std": list, "loss.method": str}
+
+
+def _checkpoint_problem(state: dict[str, Any]) -> str | None:
+    """What a loaded checkpoint lacks that evaluation, export or resuming reads; None when it is sound."""
+    for key, kind in (("config", dict), ("method", dict), ("epoch", int), ("step", int)):
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            return f"no {key!r} {kind.__name__}"
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["method"].items()):
+        return "'method' is not a mapping of names to tensors"
+    return _config_problem(state["config"])
+
+
+def _fields_problem(tree: Any, fields: dict[str, type], where: str) -> str | None:
+    for dotted, kind in fields.items():
+        try:
+            value = _get(tree, dotted)
+        except KeyError:
+            return f"no {dotted}{where}"
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{dotted} is not a {kind.__name__}"
+        if kind is list and (len(value) != 3 or not all(isinstance(v, (int, float)) for v in value)):
+            return f"{dotted} is not three numbers"
+    return None
+
+
+def _config_problem(cfg: Any) -> str | None:
+    return _fields_problem(cfg, _CONFIG_FIELDS, " in its config")
+
+
+_EXPORT_FIELDS = {"arch": str, "stem": str, "input_size": int, "mean": list, "std": list}
+
+
+def _export_problem(meta: Any) -> str | None:
+    if not isinstance(meta, dict):
+        return "config.json is not a JSON object"
+    return _fields_problem(meta, _EXPORT_FIELDS, "")
+
+
 def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
     """(path, state) of the newest checkpoint in ``run_dir`` that loads; a damaged one is skipped with a warning."""
     import warnings
@@ -98,16 +146,23 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def open_checkpoint(run_or_checkpoint: str | Path) -> tuple[Path, dict[str, Any]]:
-    """(path, state) of a checkpoint file as given, or of the latest loadable checkpoint of a run directory."""
+    """(path, state) of a checkpoint file as given, or of the latest loadable checkpoint of a run directory.
+
+    The state must hold what evaluation and export read (config fields, trunk tensors, epoch and step).
+    """
     path = Path(run_or_checkpoint)
     if path.is_dir():
         found = load_latest(path)
         if found is None:
             raise PirlError(f"no checkpoint found in run directory {path}")
-        return found
-    if not path.exists():
+    elif not path.exists():
         raise PirlError(f"no such run directory or checkpoint: {path}")
-    return path, load_checkpoint(path)
+    else:
+        found = path, load_checkpoint(path)
+    problem = _checkpoint_problem(found[1])
+    if problem:  # what evaluation and export read, checked here rather than met as a KeyError later
+        raise PirlError(f"{found[0]}: malformed pirl checkpoint ({problem})")
+    return found
 
 
 def trunk_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -163,7 +218,13 @@ def load_export(export_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]
     cfg_path, weights_path = export_dir / "config.json", export_dir / "model.safetensors"
     if not cfg_path.is_file() or not weights_path.is_file():
         raise PirlError(f"{export_dir} is not a pirl export (needs config.json and model.safetensors)")
-    meta = json.loads(cfg_path.read_text())
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise PirlError(f"{cfg_path}: not readable JSON ({str(err).splitlines()[0][:200]})") from None
+    problem = _export_problem(meta)
+    if problem:
+        raise PirlError(f"{cfg_path}: malformed pirl export ({problem})")
     trunk = build_trunk(meta["arch"], meta["stem"])
     try:
         trunk.load_state_dict(load_file(weights_path))

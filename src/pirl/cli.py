@@ -12,7 +12,9 @@ from pirl.errors import PirlError
 
 
 def _one_line_warnings() -> None:
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    from pirl.safe_io import printable
+
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {printable(str(message))}\n"
 
 
 def _train_config(args: argparse.Namespace):
@@ -180,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PirlError as err:
-        print(f"error: {_message(err)}", file=sys.stderr)
+        from pirl.safe_io import printable  # a file name that is not UTF-8 must not cost the one line
+
+        print(f"error: {printable(_message(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -33,6 +33,7 @@ from pirl.errors import PirlError
 from pirl.eval.features import eval_transform
 from pirl.eval.monitor import plan_monitor, start_monitor
 from pirl.methods import build_method
+from pirl.safe_io import atomic_write_text, open_append, printable
 from pirl.sync_bn import convert_sync_batchnorm
 
 
@@ -247,7 +248,7 @@ class RunLog:
             path = run_dir / "metrics.jsonl"
             if resumed_step is not None and path.is_file():
                 _drop_records_after(path, resumed_step)
-            self.jsonl = open(path, "a")
+            self.jsonl = open_append(path)  # never through a link planted in the run folder
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -338,6 +339,9 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
             warnings.warn(f"--resume: no checkpoint in {run_dir}; starting from scratch", stacklevel=2)
         else:
             path, state = found
+            missing = [k for k in ("method", "optimizer", "epoch", "step", "global_step", "rng") if k not in state]
+            if missing or not isinstance(state["rng"], dict) or "torch" not in state["rng"]:
+                raise PirlError(f"{path}: cannot resume from it, it lacks {', '.join(missing) or 'rng.torch'}")
             method.load_state_dict(state["method"])
             optimizer.load_state_dict(state["optimizer"])
             start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
@@ -347,7 +351,7 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
             if dinfo.is_main:
                 print(f"resumed from {path} (epoch {start_epoch}, step {start_step})", flush=True)
     if dinfo.is_main:
-        (run_dir / "config.json").write_text(json.dumps(
+        atomic_write_text(run_dir / "config.json", json.dumps(
             {"data": data if isinstance(data, str) else source.name, "num_samples": num_samples,
              "config": config_to_dict(cfg),
              "val_data": val_data if val_data is None or isinstance(val_data, str) else val_data.name}, indent=2))
@@ -489,7 +493,7 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
         if dinfo.is_main:  # also when the run stops on too many of them
             bad_names = _write_bad_images(run_dir, bad_seen, dataset)
     if bad_names:
-        print(f"skipped {len(bad_names)} undecodable image(s), e.g. {bad_names[0]}; all listed in "
+        print(f"skipped {len(bad_names)} undecodable image(s), e.g. {printable(bad_names[0])}; all listed in "
               f"{run_dir / 'bad_images.txt'}", flush=True)
     return {"epochs": cfg.optim.epochs, "loss": last_loss, "checkpoint": str(ckpt_path) if ckpt_path else None,
             "run_dir": str(run_dir), "num_samples": num_samples, "bad_images": len(bad_seen), "stopped": stopped}
@@ -512,5 +516,5 @@ def _write_bad_images(run_dir: Path, bad: set[int], dataset: ViewDataset) -> lis
     for pos in sorted(bad):
         index = dataset.indices[pos] if dataset.indices is not None else pos
         names.append(str(source.path(index)) if hasattr(source, "path") else f"index {index}")
-    (run_dir / "bad_images.txt").write_text("\n".join(names) + "\n")
+    atomic_write_text(run_dir / "bad_images.txt", "\n".join(names) + "\n")  # file names kept byte for byte
     return names

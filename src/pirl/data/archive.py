@@ -11,11 +11,12 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
 from pirl.errors import PirlError
 
-__all__ = ["ARCHIVE_SUFFIXES", "default_cache_dir", "is_archive_path", "archive_stem", "extract_archive"]
+__all__ = ["ARCHIVE_SUFFIXES", "ArchiveLimits", "default_cache_dir", "is_archive_path", "archive_stem", "extract_archive"]
 
 #: Suffixes recognised as archives (lower case); content decides tar vs zip when extracting.
 ARCHIVE_SUFFIXES: tuple[str, ...] = (
@@ -49,10 +50,80 @@ def archive_stem(path: str | os.PathLike) -> str:
     return os.path.splitext(name)[0] or name
 
 
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """Bounds on what one archive may unpack to; a breach is refused with :class:`PirlError` before writing.
+
+    Defaults come from ``$PIRL_ARCHIVE_MAX_BYTES``, ``$PIRL_ARCHIVE_MAX_MEMBERS`` and
+    ``$PIRL_ARCHIVE_MAX_RATIO`` when set. ``max_ratio`` bounds total unpacked bytes over the archive's size
+    (JPEG datasets unpack at about 1:1). Sparse tar members are always refused.
+    """
+
+    max_bytes: int = 256 << 30  # an ImageNet-1k train tar is about 140 GiB
+    max_members: int = 5_000_000
+    max_ratio: float = 200.0
+
+    @classmethod
+    def from_env(cls) -> "ArchiveLimits":
+        """The defaults, overridden by the ``$PIRL_ARCHIVE_MAX_*`` variables."""
+        values: dict[str, float] = {}
+        for name, cast in (("max_bytes", int), ("max_members", int), ("max_ratio", float)):
+            raw = os.environ.get(f"PIRL_ARCHIVE_{name.upper()}")
+            if raw is None:
+                continue
+            try:
+                value = cast(raw)
+            except ValueError:
+                raise PirlError(f"PIRL_ARCHIVE_{name.upper()} must be a number, got {raw!r}") from None
+            if not value > 0:
+                raise PirlError(f"PIRL_ARCHIVE_{name.upper()} must be positive, got {raw!r}")
+            values[name] = value
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _check_totals(archive: Path, count: int, total: int, limits: ArchiveLimits, dest: Path) -> None:
+    hint = "raise it with PIRL_ARCHIVE_{} if the archive is trusted"
+    if count > limits.max_members:
+        raise PirlError(f"{archive}: {count:,} members, more than the limit of {limits.max_members:,}; "
+                        + hint.format("MAX_MEMBERS"))
+    if total > limits.max_bytes:
+        raise PirlError(f"{archive}: unpacks to {total:,} bytes, more than the limit of {limits.max_bytes:,}; "
+                        + hint.format("MAX_BYTES"))
+    size = max(archive.stat().st_size, 1)
+    if total > 1 << 20 and total / size > limits.max_ratio:
+        raise PirlError(f"{archive}: unpacks to {total / size:,.0f} times its size ({total:,} bytes), more than "
+                        f"the ratio limit of {limits.max_ratio:g}; " + hint.format("MAX_RATIO"))
+    try:
+        free = shutil.disk_usage(dest).free
+    except OSError:
+        return
+    if total > free:
+        raise PirlError(f"{archive}: unpacks to {total:,} bytes but only {free:,} are free under {dest.parent} "
+                        "(set PIRL_CACHE_DIR to a bigger disk)")
+
+
+_SAMPLE = 1 << 20
+
+
 def _cache_key(path: Path) -> str:
+    """Path, size, mtime, inode, ctime and a digest of the first and last MiB.
+
+    A replacement with the same size and mtime still changes the inode (a new file renamed in) or the ctime
+    (rewritten in place, which no user-level tool can set back) and usually the sampled bytes.
+    """
     st = path.stat()
-    ident = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
-    return hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    digest = hashlib.sha256()
+    digest.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_dev}\0{st.st_ino}\0"
+                  f"{st.st_ctime_ns}\0".encode("utf-8", "surrogateescape"))
+    try:
+        with open(path, "rb") as fh:
+            digest.update(fh.read(_SAMPLE))
+            if st.st_size > 2 * _SAMPLE:
+                fh.seek(-_SAMPLE, os.SEEK_END)
+                digest.update(fh.read(_SAMPLE))
+    except OSError as exc:
+        raise PirlError(f"cannot read archive {path}: {exc.strerror or exc}") from None
+    return digest.hexdigest()[:16]
 
 
 class _Unsafe(Exception):
@@ -63,18 +134,22 @@ def _is_absolute(name: str) -> bool:
     return name.startswith(("/", "\\")) or bool(PureWindowsPath(name).drive)
 
 
-def _components(name: str) -> list[str]:
-    """Split a member name into path components, refusing absolute names."""
+def _components(name: str, *, allow_up: bool = False) -> list[str]:
+    """Split a member name into path components, refusing absolute names (and ``..`` unless allowed)."""
     if _is_absolute(name):
         raise _Unsafe("absolute path")
-    return [part for part in name.replace("\\", "/").split("/") if part not in ("", ".")]
+    parts = [part for part in name.replace("\\", "/").split("/") if part not in ("", ".")]
+    if not allow_up and ".." in parts:
+        raise _Unsafe("'..' in the member name")
+    return parts
 
 
 def _resolve(parts: list[str], links: set[str]) -> list[str]:
     """Lexically resolve ``parts`` against the target root; refuse escapes and walks through links.
 
-    Refusing any path that passes *through* a symlink member keeps the lexical result equal to
-    what the filesystem would resolve, so the inside-the-target check cannot be fooled by chains.
+    ``links`` holds the normalised names of link members (member names never hold ``..``), so the
+    comparison is between normalised paths on both sides. Refusing any path that passes *through* a link
+    member keeps the lexical result equal to what the filesystem would resolve.
     """
     stack: list[str] = []
     for i, part in enumerate(parts):
@@ -89,11 +164,16 @@ def _resolve(parts: list[str], links: set[str]) -> list[str]:
     return stack
 
 
-def _check_tar_members(members: list[tarfile.TarInfo]) -> None:
+def _check_tar_members(members: list[tarfile.TarInfo]) -> int:
+    """Refuse unsafe members; returns the total bytes the regular members unpack to."""
     links = set()
+    total = 0
     for m in members:
-        if m.issym() or m.islnk():
-            links.add("/".join(_components(m.name)))
+        try:
+            if m.issym() or m.islnk():
+                links.add("/".join(_components(m.name)))
+        except _Unsafe as exc:
+            raise PirlError(f"refusing to extract archive member {m.name!r}: {exc}") from None
     for m in members:
         try:
             parts = _resolve(_components(m.name), links)
@@ -102,18 +182,24 @@ def _check_tar_members(members: list[tarfile.TarInfo]) -> None:
             if m.issym():
                 if _is_absolute(m.linkname):
                     raise _Unsafe(f"symlink to absolute path {m.linkname!r}")
-                _resolve(parts[:-1] + _components(m.linkname), links)
+                _resolve(parts[:-1] + _components(m.linkname, allow_up=True), links)
             elif m.islnk():
                 if _is_absolute(m.linkname):
                     raise _Unsafe(f"hard link to absolute path {m.linkname!r}")
                 _resolve(_components(m.linkname), links)
+            elif m.issparse():
+                raise _Unsafe("sparse file (it can unpack to far more than it stores)")
             elif not (m.isreg() or m.isdir()):
                 raise _Unsafe("device file, fifo or other special member")
+            if m.isreg():
+                total += m.size
         except _Unsafe as exc:
             raise PirlError(f"refusing to extract archive member {m.name!r}: {exc}") from None
+    return total
 
 
-def _check_zip_members(infos: list[zipfile.ZipInfo]) -> None:
+def _check_zip_members(infos: list[zipfile.ZipInfo]) -> int:
+    total = 0
     for info in infos:
         try:
             mode = info.external_attr >> 16
@@ -123,31 +209,51 @@ def _check_zip_members(infos: list[zipfile.ZipInfo]) -> None:
                 raise _Unsafe("device file, fifo or other special member")
             if not _resolve(_components(info.filename), set()) and not info.is_dir():
                 raise _Unsafe("empty name")
+            total += info.file_size  # zipfile stops reading a member at its declared size
         except _Unsafe as exc:
             raise PirlError(f"refusing to extract archive member {info.filename!r}: {exc}") from None
+    return total
 
 
-def _extract_tar(tar: tarfile.TarFile, dest: Path) -> None:
+def _check_landed(dest: Path, name: str) -> None:
+    """After each member: its real path (a link's target, resolved) and its folder's must lie inside ``dest``."""
+    base = os.path.realpath(dest)
+    target = dest / name
+    for where in (os.path.realpath(target.parent), os.path.realpath(target)):
+        if where != base and not where.startswith(os.path.join(base, "")):
+            raise PirlError(f"refusing to extract archive member {name!r}: it resolves outside the target folder")
+
+
+def _extract_tar(tar: tarfile.TarFile, dest: Path, archive: Path, limits: ArchiveLimits) -> None:
     members = tar.getmembers()
-    _check_tar_members(members)
+    total = _check_tar_members(members)
+    _check_totals(archive, len(members), total, limits, dest)
+    base = os.path.realpath(dest)
     for m in members:
         # Own, sane permissions on every Python; the "data" filter does the same where available.
         m.mode = 0o755 if m.isdir() else (m.mode | 0o600) & 0o755
         m.uid = m.gid = os.getuid() if hasattr(os, "getuid") else 0
         m.uname = m.gname = ""
     kwargs = {"filter": "data"} if _HAS_TAR_FILTERS else {}
-    try:
-        tar.extractall(dest, members=members, **kwargs)  # type: ignore[arg-type]
-    except _TAR_FILTER_ERROR as exc:
-        member = getattr(exc, "tarinfo", None)
-        name = member.name if member is not None else "?"
-        raise PirlError(f"refusing to extract archive member {name!r}: {exc}") from None
+    for m in members:
+        # Where it will be written must already resolve inside: checked before each write, not only after.
+        parent = os.path.realpath((dest / m.name).parent)
+        if parent != base and not parent.startswith(os.path.join(base, "")):
+            raise PirlError(f"refusing to extract archive member {m.name!r}: it resolves outside the target folder")
+        try:
+            tar.extract(m, dest, **kwargs)  # type: ignore[arg-type]
+        except _TAR_FILTER_ERROR as exc:
+            raise PirlError(f"refusing to extract archive member {m.name!r}: {exc}") from None
+        _check_landed(dest, m.name)
 
 
-def _extract_zip(zf: zipfile.ZipFile, dest: Path) -> None:
+def _extract_zip(zf: zipfile.ZipFile, dest: Path, archive: Path, limits: ArchiveLimits) -> None:
     infos = zf.infolist()
-    _check_zip_members(infos)
-    zf.extractall(dest, members=infos)
+    total = _check_zip_members(infos)
+    _check_totals(archive, len(infos), total, limits, dest)
+    for info in infos:
+        zf.extract(info, dest)
+        _check_landed(dest, info.filename)
 
 
 _READ_ERRORS: tuple[type[BaseException], ...] = (
@@ -156,24 +262,29 @@ _READ_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def _extract_into(archive: Path, dest: Path) -> None:
+def _extract_into(archive: Path, dest: Path, limits: ArchiveLimits) -> None:
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
-            _extract_zip(zf, dest)
+            _extract_zip(zf, dest, archive, limits)
         return
     with tarfile.open(archive, mode="r:*") as tar:
-        _extract_tar(tar, dest)
+        _extract_tar(tar, dest, archive, limits)
 
 
-def extract_archive(archive_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+def extract_archive(archive_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *,
+                    limits: ArchiveLimits | None = None) -> Path:
     """Extract a tar(.gz/.bz2/.xz) or zip archive once and return the extracted folder.
 
-    The folder is ``cache_dir/<stem>-<hash of (absolute path, size, mtime)>``; extraction goes to
+    The folder is ``cache_dir/<stem>-<hash of (absolute path, size, mtime, inode, ctime, first and last
+    MiB)>``; extraction goes to
     a temporary folder renamed into place, so concurrent or interrupted runs never see a partial
     tree, and later calls return at once. Members with absolute paths, ``..`` escapes, links out of
-    the folder, device files or fifos (and zip symlinks) are refused with :class:`PirlError`.
+    the folder, ``..`` in member names, sparse files, device files or fifos (and zip symlinks) are refused
+    with :class:`PirlError`, and so is an archive beyond ``limits`` (default :meth:`ArchiveLimits.from_env`).
+    After each member is written its real path is checked to lie inside the folder.
     ``cache_dir`` defaults to :func:`default_cache_dir`.
     """
+    limits = limits if limits is not None else ArchiveLimits.from_env()
     archive = Path(os.path.expanduser(os.fspath(archive_path)))
     if not archive.is_file():
         raise PirlError(f"archive not found: {archive}")
@@ -188,7 +299,7 @@ def extract_archive(archive_path: str | os.PathLike, cache_dir: str | os.PathLik
         raise PirlError(f"cannot create cache folder {cache}: {exc.strerror or exc} (set PIRL_CACHE_DIR)") from None
     try:
         try:
-            _extract_into(archive, tmp)
+            _extract_into(archive, tmp, limits)
         except PirlError:
             raise
         except _READ_ERRORS as exc:

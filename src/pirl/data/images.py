@@ -1,7 +1,10 @@
 """Decode image files (or bytes) robustly into 8-bit RGB PIL images.
 
-Note: :func:`load_rgb` raises Pillow's global ``Image.MAX_IMAGE_PIXELS`` to at least our own
-limit (see :func:`set_max_image_pixels`), which then does the decompression-bomb check.
+Decoding is restricted to :data:`DECODERS` (Pillow picks a decoder from the content, so without the
+list an EPS file named ``x.png`` would reach Ghostscript), files are capped in bytes before they are
+read (:func:`get_max_image_bytes`) and images in pixels (:func:`get_max_image_pixels`, default about
+89 M, Pillow's own default). Pillow's process-wide ``Image.MAX_IMAGE_PIXELS`` is left untouched:
+Pillow itself refuses images above twice that value, whatever pirl's limit.
 """
 
 from __future__ import annotations
@@ -9,8 +12,8 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 import warnings
-from pathlib import Path
 from typing import Union
 
 import numpy as np
@@ -26,15 +29,38 @@ __all__ = [
     "to_rgb",
     "get_max_image_pixels",
     "set_max_image_pixels",
+    "get_max_image_bytes",
+    "set_max_image_bytes",
+    "DECODERS",
 ]
+
+#: The only Pillow decoders :func:`load_rgb` lets Pillow use.
+DECODERS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 #: File name suffixes (lower case, with the dot) treated as images; matching is case-insensitive.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 )
 
-_DEFAULT_MAX_PIXELS = 300_000_000
-_max_pixels: int = int(os.environ.get("PIRL_MAX_IMAGE_PIXELS", _DEFAULT_MAX_PIXELS))
+_DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS: 1024 * 1024 * 1024 // 4 // 3
+_DEFAULT_MAX_BYTES = 256 << 20
+
+
+def _env_limit(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise PirlError(f"{name} must be a whole number, got {raw!r}") from None
+    if value <= 0:
+        raise PirlError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+_max_pixels: int = _env_limit("PIRL_MAX_IMAGE_PIXELS", _DEFAULT_MAX_PIXELS)
+_max_bytes: int = _env_limit("PIRL_MAX_IMAGE_BYTES", _DEFAULT_MAX_BYTES)
 
 PathOrBytes = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
@@ -54,19 +80,48 @@ def get_max_image_pixels() -> int:
 
 
 def set_max_image_pixels(pixels: int) -> None:
-    """Set the decompression-bomb limit (default 300 M pixels, or ``$PIRL_MAX_IMAGE_PIXELS``)."""
+    """Set the decompression-bomb limit (default 89,478,485 pixels, or ``$PIRL_MAX_IMAGE_PIXELS``)."""
     global _max_pixels
     if pixels <= 0:
         raise PirlError(f"max image pixels must be positive, got {pixels}")
     _max_pixels = int(pixels)
 
 
-def _raise_pil_limit(limit: int) -> None:
-    # Pillow refuses images above 2 * Image.MAX_IMAGE_PIXELS on its own (also while decoding GIF
-    # frames / TIFF tiles); keep its limit at least ours so that our check is the one that applies.
-    current = Image.MAX_IMAGE_PIXELS
-    if current is not None and current < limit:
-        Image.MAX_IMAGE_PIXELS = limit
+def get_max_image_bytes() -> int:
+    """The largest image file (in bytes) :func:`load_rgb` reads."""
+    return _max_bytes
+
+
+def set_max_image_bytes(size: int) -> None:
+    """Set the file-size limit (default 256 MiB, or ``$PIRL_MAX_IMAGE_BYTES``)."""
+    global _max_bytes
+    if size <= 0:
+        raise PirlError(f"max image bytes must be positive, got {size}")
+    _max_bytes = int(size)
+
+
+def _read_capped(path: str | os.PathLike, label: str, cap: int) -> bytes:
+    """A regular file's bytes, refused before reading when it is larger than ``cap`` (or not a file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise BadImageError(f"{label}: cannot read file ({exc.strerror or exc})") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadImageError(f"{label}: not a regular file")
+        if st.st_size > cap:
+            raise BadImageError(f"{label}: file too large ({st.st_size:,} bytes > {cap:,}; "
+                                "raise the limit with PIRL_MAX_IMAGE_BYTES)")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read(cap + 1)
+        if len(data) > cap:
+            raise BadImageError(f"{label}: file too large (more than {cap:,} bytes)")
+        return data
+    except OSError as exc:
+        raise BadImageError(f"{label}: cannot read file ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
 
 
 def _composite_on_white(img: Image.Image) -> Image.Image:
@@ -129,7 +184,7 @@ def _draft_scale(size: tuple[int, int], max_pixels: int, draft_size: int | None)
 
 def _short_reason(exc: BaseException) -> str:
     if isinstance(exc, UnidentifiedImageError):
-        return "not an image file (or an unsupported format)"
+        return f"not an image file, or not one of {', '.join(DECODERS)}"
     if isinstance(exc, Image.DecompressionBombError):
         return f"image too large ({exc})"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -159,19 +214,15 @@ def load_rgb(
         data = bytes(path_or_bytes)
     else:
         label = name or os.fspath(path_or_bytes)
-        try:
-            data = Path(path_or_bytes).read_bytes()
-        except OSError as exc:
-            raise BadImageError(f"{label}: cannot read file ({exc.strerror or exc})") from exc
+        data = _read_capped(path_or_bytes, label, _max_bytes)
     if not data:
         raise BadImageError(f"{label}: empty file")
     limit = _max_pixels if max_pixels is None else int(max_pixels)
-    _raise_pil_limit(limit)
     try:
         with warnings.catch_warnings():
             # EXIF / palette / bomb warnings would flood DataLoader logs; failures raise instead.
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=DECODERS)
             w, h = img.size
             if w <= 0 or h <= 0:
                 raise BadImageError(f"{label}: image has zero size ({w}x{h})")

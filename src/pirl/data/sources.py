@@ -234,28 +234,27 @@ def scan_folder(root: str | os.PathLike) -> list[str]:
     """
     out: list[str] = []
     seen: set[tuple[int, int]] = set()
-
-    def walk(path: str) -> None:
+    top = os.fspath(root)
+    stack = [top]  # an explicit stack: folders nested thousands deep must not hit Python's recursion limit
+    while stack:
+        path = stack.pop()
         try:
             st = os.stat(path)
         except OSError:
-            return
+            continue
         key = (st.st_dev, st.st_ino)
         if key in seen:
-            return
+            continue
         seen.add(key)
         try:
             images, dirs = _list_dir(path)
         except PirlError as exc:
-            if path == os.fspath(root):
+            if path == top:
                 raise
             warnings.warn(f"skipping unreadable folder: {exc}", stacklevel=2)
-            return
+            continue
         out.extend(os.path.join(path, name) for name in images)
-        for name in dirs:
-            walk(os.path.join(path, name))
-
-    walk(os.fspath(root))
+        stack.extend(os.path.join(path, name) for name in reversed(dirs))  # popped in sorted order
     return out
 
 

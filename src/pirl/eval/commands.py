@@ -18,6 +18,7 @@ import torch
 from pirl.data.archive import default_cache_dir
 from pirl.data.sources import open_source
 from pirl.errors import PirlError
+from pirl.safe_io import atomic_write_text
 from pirl.eval import finetune as ft
 from pirl.eval import invariance as inv
 from pirl.eval import lowshot as ls
@@ -143,7 +144,7 @@ def evaluate(kind: str, model_spec: str | Sequence[str], data: str, val_data: st
 
 def _write(result: dict[str, Any], out_dir: Path | None, stem: str) -> dict[str, Any]:
     if out_dir:
-        (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
+        atomic_write_text(out_dir / f"{stem}.json", json.dumps(result, indent=2))  # never through a link
     return result
 
 

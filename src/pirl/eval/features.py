@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from pirl.errors import PirlError
+from pirl.safe_io import atomic_write_text, atomic_write_with
 from pirl.models.trunk import STAGES, stage_features
 
 FEATURE_STAGES = (*STAGES, "pool")
@@ -122,6 +123,82 @@ def cache_key(key_parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def source_fingerprint(source: Any) -> str:
+    """Digest of what a dataset's images are: every file's path, size, mtime and inode, with its label.
+
+    Sources without files (in-memory arrays) hash their pixels and labels; torchvision datasets without a
+    file list hash the listing of their root folder. Swapping two class folders, replacing or touching a
+    file, or copying the data elsewhere all change it.
+    """
+    digest = hashlib.sha256()
+    labels = getattr(source, "labels", None)
+    digest.update(json.dumps({"n": len(source), "classes": getattr(source, "classes", None)}, default=str).encode())
+    paths: list[str] | None = None
+    if hasattr(source, "path"):
+        paths = [source.path(i) for i in range(len(source))]
+    elif getattr(getattr(source, "dataset", None), "samples", None) is not None:
+        paths = [str(p) for p, _ in source.dataset.samples]
+    if paths is not None:
+        for i, p in enumerate(paths):
+            try:
+                st = os.stat(p)
+                meta = f"{st.st_size}:{st.st_mtime_ns}:{st.st_dev}:{st.st_ino}"
+            except OSError:
+                meta = "missing"
+            label = labels[i] if labels is not None else -1
+            digest.update(f"{p}\0{meta}\0{label}\n".encode("utf-8", "surrogateescape"))
+        return digest.hexdigest()
+    images = getattr(source, "images", None)
+    if images is not None:  # ArraySource
+        digest.update(memoryview(images.tobytes() if not images.flags.c_contiguous else images).cast("B"))
+        digest.update(json.dumps(labels).encode())
+        return digest.hexdigest()
+    tensors = getattr(source, "tensors", None)
+    if tensors is not None:  # TensorDataset
+        for t in tensors:
+            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+    root = getattr(getattr(source, "dataset", None), "root", None)
+    if root is not None and os.path.isdir(root):
+        for folder, dirs, files in sorted(os.walk(root)):
+            dirs.sort()
+            for name in sorted(files):
+                p = os.path.join(folder, name)
+                try:
+                    st = os.stat(p)
+                except OSError:
+                    continue
+                digest.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n"
+                              .encode("utf-8", "surrogateescape"))
+    digest.update(json.dumps(labels).encode())
+    return digest.hexdigest()
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes and values): identifies the weights themselves."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool
+                          else t.to(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _cached_ok(blob: Any, key: str, dataset: Dataset, labels: Any) -> bool:
+    """A cache entry is used only when it names the same key and matches the data in size and labels."""
+    if not isinstance(blob, dict) or blob.get("key") != key:
+        return False
+    feats, got = blob.get("features"), blob.get("labels")
+    if not isinstance(feats, torch.Tensor) or not isinstance(got, torch.Tensor):
+        return False
+    n = len(dataset)  # type: ignore[arg-type]
+    if feats.dim() != 2 or feats.shape[0] != n or got.shape != (n,):
+        return False
+    return labels is None or torch.equal(got, torch.as_tensor(list(labels), dtype=torch.int64))
+
+
 def extract_features_cached(
     trunk: nn.Module,
     dataset: Dataset,
@@ -135,22 +212,32 @@ def extract_features_cached(
     """``extract_features`` with results stored at ``cache_dir/<sha256(key_parts)>/features.pt``.
 
     ``key_parts`` must identify everything that changes the features (checkpoint digest, dataset, split,
-    transform); ``stage`` and the effective ``pooled_dim`` are added to the key here. An unreadable cache
-    file is recomputed and overwritten.
+    transform); ``stage``, the effective ``pooled_dim`` and a digest of the trunk's weights are added to the
+    key here, and so is :func:`source_fingerprint` of ``dataset.source`` (or of ``dataset``) unless
+    ``key_parts`` already holds a ``"files"`` entry. On read the entry must repeat the key and match the
+    dataset's size and labels; an unreadable or mismatched entry is recomputed and replaced (never written
+    through a link).
     """
-    parts = {**key_parts, "stage": stage, "pooled_dim": None if stage == "pool" else pooled_dim or DEFAULT_POOLED_DIM}
-    entry = Path(cache_dir) / cache_key(parts)
+    source = getattr(dataset, "source", dataset)
+    parts = {**key_parts, "stage": stage, "pooled_dim": None if stage == "pool" else pooled_dim or DEFAULT_POOLED_DIM,
+             "weights": weights_digest(trunk)}
+    parts.setdefault("files", source_fingerprint(source))
+    key = cache_key(parts)
+    entry = Path(cache_dir) / key
     path = entry / "features.pt"
-    if path.is_file():
+    labels_now = getattr(source, "labels", None)
+    if path.is_file() and not path.is_symlink():
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
-            return blob["features"], blob["labels"]
+            if _cached_ok(blob, key, dataset, labels_now):
+                return blob["features"], blob["labels"]
         except Exception:  # noqa: BLE001 - a truncated/corrupt cache entry is just recomputed
             pass
     feats, labels = extract_features(trunk, dataset, stage=stage, pooled_dim=pooled_dim, **kwargs)
+    if entry.is_symlink():
+        entry.unlink()
     entry.mkdir(parents=True, exist_ok=True)
-    (entry / "key.json").write_text(json.dumps(parts, sort_keys=True, indent=1, default=str) + "\n")
-    tmp = entry / f"features.pt.tmp{os.getpid()}"
-    torch.save({"features": feats, "labels": labels}, tmp)
-    os.replace(tmp, path)  # atomic: a concurrent reader never sees a half-written file
+    atomic_write_text(entry / "key.json", json.dumps(parts, sort_keys=True, indent=1, default=str) + "\n")
+    # atomic: a concurrent reader never sees a half-written file, and a planted link is replaced
+    atomic_write_with(path, lambda fh: torch.save({"key": key, "features": feats, "labels": labels}, fh))
     return feats, labels

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pirl.errors import PirlError
 from pirl.eval.features import eval_transform
+from pirl.safe_io import save_figure
 
 SPACES = ("auto", "heads", "trunk")
 BINS = 40  # over [0, 2], the range of distances between unit vectors
@@ -213,7 +214,7 @@ def plot(stats: dict[str, dict[str, Any]], path: str | Path) -> None:
     ax.set_xlim(0, 2)
     ax.set_title("Invariance to the jigsaw transform (PIRL Fig. 4)")
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def invariance(subjects: Sequence[Subject], source: Any, *, images: int = 1000, seed: int = 0,

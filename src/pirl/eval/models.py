@@ -52,7 +52,11 @@ def load_model(spec: str | Path, *, random_init: bool = False, seed: int = 0) ->
         arch, stem = cfg["model"]["arch"], cfg["model"]["stem"]
         size, mean, std = cfg["data"]["image_size"], cfg["data"]["mean"], cfg["data"]["std"]
         trunk = build_trunk(arch, stem)
-        trunk.load_state_dict(trunk_state_dict(ckpt))
+        try:
+            trunk.load_state_dict(trunk_state_dict(ckpt))
+        except RuntimeError as err:  # missing, unexpected or mis-shaped trunk weights
+            reason = str(err).strip().splitlines()[0][:200]
+            raise PirlError(f"{ckpt_path}: its trunk weights do not fit {arch} ({reason})") from None
         identity = _file_digest(ckpt_path)
     else:
         raise PirlError(f"model not found: {spec} (expected an export, a run directory or a checkpoint)")

@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pirl.errors import PirlError
+from pirl.safe_io import atomic_write_text, read_regular
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_EMBED_BYTES = 20 << 20  # a bigger PNG would make the page unwieldy; it is listed instead
+MAX_JSON_BYTES = 64 << 20  # config.json and each evaluation result
+MAX_METRICS_BYTES = 1 << 30  # metrics.jsonl: about 5 M log records
 # Bookkeeping keys of an evaluation result that are not scores.
 _NOT_SCORES = {"top1", "k", "seed", "input_size", "train_images", "test_images", "epochs", "batch_size", "workers"}
 _SCORE_WORDS = ("top", "acc", "map", "precision", "recall", "f1", "err", "dist")
@@ -53,10 +56,22 @@ class Run:
     notes: list[str] = field(default_factory=list)
 
 
-def _read_json(path: Path) -> Any:
+def _read(path: Path, root: Path, cap: int, notes: list[str]) -> bytes | None:
+    """A regular file inside the run (links resolved) of at most ``cap`` bytes; otherwise a note and None."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+        return read_regular(path, cap, root=root)
+    except PirlError as err:
+        notes.append(f"{path.relative_to(root).as_posix()}: {str(err).removeprefix(f'{path}: ')}")
+        return None
+
+
+def _read_json(path: Path, root: Path | None = None, notes: list[str] | None = None) -> Any:
+    data = _read(path, root if root is not None else path.parent, MAX_JSON_BYTES, notes if notes is not None else [])
+    if data is None:
+        return None
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
 
 
@@ -66,17 +81,18 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     if not root.is_dir():
         raise PirlError(f"run directory not found: {path}")
     run = Run(root, name or root.name)
-    blob = _read_json(root / "config.json")
+    blob = _read_json(root / "config.json", root, run.notes) if (root / "config.json").exists() else None
     if isinstance(blob, dict):
         # a run's config.json keeps the config under "config"; an export's under "training_config"
         run.config = blob.get("config") or blob.get("training_config") or {}
         run.meta = {k: v for k, v in blob.items() if k not in ("config", "training_config")}
     metrics = root / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text(errors="replace").splitlines():
+    data = _read(metrics, root, MAX_METRICS_BYTES, run.notes) if metrics.exists() or metrics.is_symlink() else None
+    if data is not None:
+        for line in data.decode("utf-8", errors="replace").splitlines():
             try:
                 rec = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue  # a line cut short by a crash
             if isinstance(rec, dict):
                 {"train": run.train, "epoch": run.epochs, "eval": run.evals_online}.get(rec.get("kind"), []).append(rec)
@@ -84,7 +100,7 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     candidates = sorted(eval_dir.glob("*.json")) if eval_dir.is_dir() else []
     candidates += sorted(p for p in root.glob("*.json") if p.name != "config.json")
     for file in candidates:
-        result = _read_json(file)
+        result = _read_json(file, root, run.notes)
         if isinstance(result, dict) and ("eval" in result or "top1" in result):
             run.results.append((file.relative_to(root).as_posix(), result))
         elif result is None:
@@ -92,12 +108,9 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     for file in sorted(eval_dir.rglob("*.png")) if eval_dir.is_dir() else []:
         rel = file.relative_to(root).as_posix()
         try:
-            if file.stat().st_size > MAX_EMBED_BYTES:
-                run.notes.append(f"{rel}: larger than {MAX_EMBED_BYTES >> 20} MiB, not embedded")
-                continue
-            data = file.read_bytes()
-        except OSError as err:
-            run.notes.append(f"{rel}: {err.strerror or err}")
+            data = read_regular(file, MAX_EMBED_BYTES, root=root)
+        except PirlError as err:
+            run.notes.append(f"{rel}: {str(err).removeprefix(f'{file}: ')}, not embedded")
             continue
         if data.startswith(PNG_SIGNATURE):
             run.images.append((rel, data))
@@ -207,6 +220,11 @@ def curves_png(run: Run) -> str | None:
     return _panels_png(panels, markers=True)
 
 
+def _plain(text: str) -> str:
+    """Text that matplotlib draws as written: a ``$`` would otherwise start mathtext (and may not parse)."""
+    return str(text).replace("$", r"\$")
+
+
 def _panels_png(panels: list, *, markers: bool) -> str:
     """One row of line plots, one per (title, x label, [(label, xs, ys), ...]) panel, as a data URI."""
     from matplotlib.ticker import MaxNLocator
@@ -216,8 +234,9 @@ def _panels_png(panels: list, *, markers: bool) -> str:
         ax = fig.add_subplot(1, len(panels), i)
         for label, xs, ys in lines:
             if xs:
-                ax.plot(xs, ys, marker="o" if markers and len(xs) < 30 else None, markersize=3, label=label)
-        ax.set_title(title)
+                ax.plot(xs, ys, marker="o" if markers and len(xs) < 30 else None, markersize=3,
+                        label=_plain(label))
+        ax.set_title(_plain(title))
         ax.set_xlabel(xlabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and epochs are whole numbers
         ax.grid(alpha=0.3)
@@ -367,7 +386,6 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, title: str | N
     out_path = Path(out)
     if out_path.is_dir():
         raise PirlError(f"--out {out} is a folder; give a file name such as report.html")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(page, encoding="utf-8")
+    atomic_write_text(out_path, page)
     return {"report": str(out_path), "runs": len(runs), "evaluations": sum(len(r.results) for r in runs),
             "images": sum(len(r.images) for r in runs)}

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from pirl.errors import PirlError
+from pirl.safe_io import save_figure
 
 # Cap on the (chunk x train) similarity matrix, in elements, when scoring every test image.
 _MAX_SIM_ELEMENTS = 1 << 27
@@ -81,7 +82,7 @@ def plot_grid(query_images: Sequence[Image.Image], neighbour_images: Sequence[Se
                 spine.set_linewidth(1.0 if c == 0 else 3.0)
             if c == 0:
                 ax.set_title(titles[r] if titles else "query", fontsize=7)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 PROTOCOL_TEMPLATE = ("nearest-neighbour retrieval: {queries} test images drawn with seed {seed} query the training "
