@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from pirl.errors import PirlError
 
-# Half-decades around the usual optimum for standardised features; the grid grows further while the best value
-# lies on its edge (see ``extend_grid``), so the chosen penalty is always an interior point or a bound reached.
-DEFAULT_WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+# Half-decades where standardised features usually have their optimum; the grid grows a decade at a time while
+# the best value lies on its edge, so the chosen penalty is an interior point unless the growth limit is reached.
+DEFAULT_WEIGHT_DECAYS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 # How far the grid may grow past its edges: one decade per step, at most this many steps each way.
 MAX_GRID_EXTENSIONS = 3
 
@@ -94,6 +94,16 @@ def _best(val_scores: dict[float, float]) -> float:
     return max(sorted(val_scores, reverse=True), key=lambda wd: val_scores[wd])
 
 
+def _edge_best(val_scores: dict[float, float]) -> float | None:
+    """The largest or smallest penalty tried when it alone holds the best held-out accuracy, else None (a tie with
+    an inner value means the optimum is already inside the grid)."""
+    top = max(val_scores.values())
+    winners = [wd for wd, v in val_scores.items() if v == top]
+    if len(winners) == 1 and winners[0] in (max(val_scores), min(val_scores)):
+        return winners[0]
+    return None
+
+
 def linear_probe(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
@@ -156,8 +166,7 @@ def linear_probe(
 
             score(wds, None)  # strongest penalty first
             for _ in range(MAX_GRID_EXTENSIONS):
-                best = _best(val_scores)
-                edge = max(val_scores) if best == max(val_scores) else min(val_scores) if best == min(val_scores) else None
+                edge = _edge_best(val_scores)
                 if edge is None:
                     break
                 step = 10.0 if edge == max(val_scores) else 0.1
@@ -173,8 +182,8 @@ def linear_probe(
         "val_top1": val_scores.get(best, float("nan")),
         "weight_decay": best,
         "val_top1_by_weight_decay": dict(sorted(val_scores.items())),
-        # True when the best penalty is the largest or smallest tried even after extending the grid.
-        "weight_decay_at_edge": bool(val_scores) and best in (max(val_scores), min(val_scores)),
+        # True when the best penalty is, alone, the largest or smallest tried even after extending the grid.
+        "weight_decay_at_edge": bool(val_scores) and _edge_best(val_scores) is not None,
         "grid_extensions": extended,
         "train_top1": _top1(x_train, y_train, params),
         "max_iter": max_iter,

@@ -1,0 +1,64 @@
+"""The reproduction script end to end on a few dozen images: plan, resume, skip, results file and page."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "reproduce.py"
+CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
+
+
+def _tiny_cifar(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 2)):
+        for c, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = (rng.random((32, 32, 3)) * 60 + c * 19).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:04d}.jpg")
+    return root
+
+
+def _reproduce(tmp_path: Path, *names: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(SCRIPT), "--data", str(tmp_path / "cifar"), "--out", str(tmp_path / "runs"),
+           "--results", str(tmp_path / "reproduction.json"), "--html", str(tmp_path / "reproduction.html"),
+           "--smoke", "--eval-train-every", "1", "--only", *names]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.study
+def test_reproduce_smoke_appends_each_run_and_skips_it_next_time(tmp_path):
+    _tiny_cifar(tmp_path / "cifar")
+    # random init needs its model's export: asked first, it is skipped, and done once the run exists
+    first = _reproduce(tmp_path, "main-random", "main-pirl-s0", "main-random")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "skip main-random: needs main-pirl-s0 first" in first.stdout
+    results = json.loads((tmp_path / "reproduction.json").read_text())
+    rows = {r["name"]: r for r in results["runs"]}
+    assert list(rows) == ["main-pirl-s0", "main-random"]
+    pirl = rows["main-pirl-s0"]
+    assert pirl["method"] == "pirl" and pirl["study"] == "main" and pirl["lam"] == 0.5
+    assert pirl["epochs"] == 1 and pirl["images_per_s"] > 0
+    for key in ("knn_k20", "knn_k200", "linear", "linear_best"):
+        assert 0.0 <= pirl[key] <= 1.0 and 0.0 <= rows["main-random"][key] <= 1.0
+    assert Path(pirl["export"], "model.safetensors").is_file()
+    assert results["testbed"]["smoke"] is True and results["testbed"]["epochs"] == 12
+    page = (tmp_path / "reproduction.html").read_text()
+    assert "main-pirl-s0" in page and "data:image/png;base64," in page
+    # a second call finds both runs done: nothing is trained or evaluated again
+    again = _reproduce(tmp_path, "main-pirl-s0", "main-random")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "+ pirl" not in again.stdout
+    assert json.loads((tmp_path / "reproduction.json").read_text())["runs"] == results["runs"]
+
+
+def test_reproduce_refuses_an_unknown_run_name(tmp_path):
+    _tiny_cifar(tmp_path / "cifar")
+    done = _reproduce(tmp_path, "main-pirl-s9")
+    assert done.returncode == 2 and "unknown run name(s): main-pirl-s9" in done.stderr
