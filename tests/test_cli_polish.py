@@ -86,7 +86,8 @@ def test_cuda_out_of_memory_in_training_is_one_line_naming_what_to_lower(tmp_pat
     for i in range(8):
         Image.new("RGB", (16, 16), (i * 30, 0, 0)).save(images / f"{i}.png")
     monkeypatch.setattr(PIRL, "training_step", _raise_oom)
-    code = main(["train", "--data", str(images), "--out", str(tmp_path / "run"), *TINY, "train.knn_every=0", "loss.negatives=4"])
+    code = main(["train", "--data", str(images), "--out", str(tmp_path / "run"), *TINY, "train.knn_every=0",
+                 "loss.negatives=4"])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == 1 and "Traceback" not in err and len(lines) == 1
