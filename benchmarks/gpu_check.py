@@ -86,7 +86,7 @@ def stage_env(log_dir: Path) -> dict:
             "'gpu_memory_gib': round(p.total_memory / 2**30, 1) if p else None, "
             "'bf16': torch.cuda.is_bf16_supported() if p else None, "
             "'nccl': torch.distributed.is_nccl_available()}))")
-    result = run_stage("env", [PY, "-c", code], 60, log_dir)
+    result = run_stage("env", [PY, "-c", code], 30, log_dir)
     result["results"].append({"python": platform.python_version(), "machine": platform.machine(),
                               "cpus": os.cpu_count()})
     return result
@@ -158,7 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="folder for gpu_check.json and the stage logs")
     parser.add_argument("--only", nargs="+", help="run these stages only")
-    parser.add_argument("--train-seconds", type=float, default=120.0, help="length of the PIRL run")
+    parser.add_argument("--train-seconds", type=float, default=110.0, help="length of the PIRL run")
     parser.add_argument("--device", default="cuda", help="cuda (the check), or cpu to try the stages out")
     parser.add_argument("--train-overrides", nargs="*", default=[], help="extra key=value for the PIRL run")
     args = parser.parse_args()
@@ -180,16 +180,16 @@ def main() -> None:
     if "env" in wanted:
         save("env", stage_env(logs))
     if "cuda_tests" in wanted:
-        save("cuda_tests", stage_cuda_tests(logs, 170))
+        save("cuda_tests", stage_cuda_tests(logs, 120))
     if "step" in wanted:  # the paper's ResNet-50, 224 px images and 9 x 64 px patches, ImageNet-sized bank, AMP
         save("step", run_stage("step", [PY, "benchmarks/step.py", "--arch", "resnet50", "--image-size", "224",
                                         "--patch-size", "64", "--batch", "128", "--device", args.device,
                                         "--num-samples", "1281167", "--negatives", "4096", "32000",
-                                        "--steps", "4", "--rounds", "2"], 120, logs))
+                                        "--steps", "4", "--rounds", "2"], 90, logs))
     if "data" in wanted:
         save("data", run_stage("data", [PY, "benchmarks/data.py", "--settings", "paper", "cpu-quick", "--batched",
                                         "--device", args.device, "--batch", "256", "--images", "256", "--repeats", "3"],
-                               75, logs))
+                               50, logs))
     run = work / "run"
     if "train" in wanted or "eval" in wanted:
         synthetic_folder(work / "images")
@@ -197,9 +197,9 @@ def main() -> None:
     if "train" in wanted:
         # SIGTERM after --train-seconds: the run saves a checkpoint and exits 0 (the trainer's preemption path)
         cmd = [PY, "-m", "pirl", "train", "--data", str(work / "images"), "--val-data", str(work / "test"),
-               "--out", str(run), "--preset", "cifar10-r18", "optim.epochs=60", "optim.warmup_epochs=1", "data.workers=6",
-               "train.log_every=5", f"train.device={args.device}", *args.train_overrides]
-        result = run_stage("train", cmd, args.train_seconds + 60, logs, term_after_s=args.train_seconds)
+               "--out", str(run), "--preset", "cifar10-r18", "optim.epochs=60", "optim.warmup_epochs=1",
+               "data.workers=6", "train.log_every=5", f"train.device={args.device}", *args.train_overrides]
+        result = run_stage("train", cmd, args.train_seconds + 30, logs, term_after_s=args.train_seconds)
         result["results"] = [*result["results"], {"summary": train_summary(run)}]
         if result["status"] == "ok" and not result["results"][-1]["summary"]["loss_falls"]:
             result["status"] = "failed: the loss did not fall"
@@ -207,7 +207,7 @@ def main() -> None:
     if "eval" in wanted:
         save("eval", run_stage("eval", [PY, "-m", "pirl", "eval", "knn", "--model", str(run), "--data",
                                         str(work / "images"), "--val-data", str(work / "test"), "--device",
-                                        args.device, "--workers", "4"], 60, logs,
+                                        args.device, "--workers", "4"], 45, logs,
                                env={"PIRL_CACHE_DIR": str(work / "cache")}))
     shutil.rmtree(work, ignore_errors=True)
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
