@@ -5,7 +5,8 @@ per-sample (or shared) negatives, loss, backward, SGD step, bank update. Baselin
 forward + backward + SGD step on the same image and patch batches (no heads, bank or loss). Both run as the
 trainer runs them: channels_last (CPU and CUDA) and, on CUDA, autocast (bf16 where supported, else fp16), unless
 turned off.
-Prints one JSON line per setting (negatives x shared), with ``ratio`` = full step / trunk alone.
+Prints one JSON line per setting (negatives x shared), with ``ratio`` = full step / trunk alone and
+``images_per_s`` (``trunk_images_per_s``): images (each with its 9 patches) per second of the full step (trunk).
 
     python benchmarks/step.py --arch resnet18 --image-size 64 --patch-size 18 --batch 64 --negatives 4096 32000
     python benchmarks/step.py --num-samples 1281167 --negatives 32000 --dense-ratio 64   # force the dense path
@@ -126,7 +127,9 @@ def measure(s: Setting, steps: int, rounds: int = 3) -> dict:
             "bank_dtype": s.bank_dtype,
             "device": torch.cuda.get_device_name(device) if cuda else "cpu", "amp": cuda and s.amp,
             "channels_last": s.channels_last, "trunk_s": round(t, 4), "pirl_step_s": round(f, 4),
-            "ratio": round(f / t, 3), "dense_ratio": MemoryBank.dense_ratio, "threads": torch.get_num_threads()}
+            "ratio": round(f / t, 3), "images_per_s": round(s.batch / f, 1),
+            "trunk_images_per_s": round(s.batch / t, 1), "dense_ratio": MemoryBank.dense_ratio,
+            "threads": torch.get_num_threads()}
 
 
 def main() -> None:

@@ -233,7 +233,8 @@ def test_report_is_self_contained_and_holds_every_number(tmp_path, capsys):
     assert base64.b64encode(png).decode() in html and "eval/plots/retrieval.png" in html
     assert "eval/fake.png: not a PNG file" in html and "onload" not in html
     assert "pirl (pretext jigsaw" in html and "npid" in html and "resnet18" in html
-    assert html.count("data:image/png;base64,") == 4  # two runs' curves, the comparison, retrieval.png
+    # two runs' curves, the comparison, retrieval.png and one chart per probe (knn, linear, lowshot)
+    assert html.count("data:image/png;base64,") == 7
     assert "http://" not in html and "https://" not in html
     assert not re.search(r"""(src|href)\s*=\s*(?!["']?(data:|#))""", html)  # only data: URIs and in-page anchors
 

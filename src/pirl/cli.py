@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -92,13 +94,43 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# A config override as it may appear anywhere on a ``pirl train`` command line: section.key=value.
+OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with whole option names only (``--epoch`` is not ``--epochs``) and usage errors as one line
+    ``error: ...`` with a "did you mean" where a close match exists (exit status 2, as argparse)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def suggestion(self, word: str) -> str:
+        """``; did you mean X?`` for the closest option or subcommand name, or nothing."""
+        names = [o for o in self._option_string_actions if o.startswith("--")] if word.startswith("-") else \
+            [c for a in self._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
+        close = difflib.get_close_matches(word.split("=", 1)[0], names, n=1, cutoff=0.6)
+        return f"; did you mean {close[0]}?" if close else ""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if found := re.search(r"invalid choice: '([^']*)'", message):
+            message += self.suggestion(found.group(1))
+        elif found := re.search(r"unrecognized arguments: (\S+)", message):
+            message += self.suggestion(found.group(1))
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pirl", description="Pretext-Invariant Representation Learning (PIRL).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from pirl import __version__
+
+    parser = _Parser(prog="pirl", description="Pretext-Invariant Representation Learning (PIRL).")
+    parser.add_argument("--version", action="version", version=f"pirl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="pretrain a trunk with PIRL (or NPID++) on a folder, archive or dataset name",
                        description="Pretrain a ResNet trunk. Config: a preset, then key=value overrides such as "
-                                   "loss.lam=0.5 optim.epochs=100 data.workers=8.")
+                                   "loss.lam=0.5 optim.epochs=100 data.workers=8 (anywhere on the line).")
     t.add_argument("--data", help="image folder (class subfolders optional), .tar/.tar.gz/.zip of one, "
                                   "or cifar10 | cifar100 | stl10 | stl10-unlabeled | imagenet")
     t.add_argument("--out", help="run directory: checkpoints, metrics.jsonl, tensorboard/")
@@ -143,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--fraction", type=float, default=0.1, help="finetune: labelled fraction of the training split")
     v.add_argument("--epochs", type=int, default=70, help="finetune: epochs (lr x0.1 at 3/7 of them)")
     v.add_argument("--lr", type=float, default=None, help="finetune: learning rate (default 0.01 x batch / 256)")
-    v.add_argument("--device", default="auto", help="finetune, invariance: auto | cpu | cuda | cuda:N")
+    v.add_argument("--device", default="auto", help="where features are extracted and probes fitted: auto (the GPU "
+                                                     "when present) | cpu | cuda | cuda:N")
     v.add_argument("--images", type=int, default=1000, help="invariance: test images to measure")
     v.add_argument("--space", default="auto", choices=["auto", "heads", "trunk"],
                    help="invariance: f/g heads (runs with a g head) or pooled trunk features")
@@ -175,10 +208,34 @@ def _message(err: PirlError) -> str:
     return lines[0] if lines else type(err).__name__
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return actions[0].choices[command]
+
+
+def _cuda_oom(err: BaseException) -> bool:
+    torch = sys.modules.get("torch")  # torch is only imported by the commands that use it
+    return torch is not None and isinstance(err, torch.cuda.OutOfMemoryError)
+
+
+def oom_hint(command: str) -> str:
+    """What to lower after CUDA ran out of memory, for ``pirl train`` or ``pirl eval``."""
+    if command == "train":
+        return ("lower optim.batch_size (global batch), loss.negatives or data.image_size, keep train.amp=true, or "
+                "set loss.bank_dtype=float16 / loss.bank=sharded")
+    return "lower --batch-size (or use --device cpu)"
+
+
 def main(argv: list[str] | None = None) -> int:
     _one_line_warnings()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    command = _subparser(parser, args.command)
+    for item in extra:  # key=value after an option: argparse leaves it over, it is an override all the same
+        if args.command == "train" and OVERRIDE.match(item):
+            args.overrides.append(item)
+        else:
+            command.error(f"unrecognized arguments: {' '.join(extra[extra.index(item):])}")
     try:
         return args.func(args)
     except PirlError as err:
@@ -195,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # disk full, permission denied, a path too long: the system's words are enough
         where = f": {err.filename}" if err.filename else ""
         print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        if not _cuda_oom(err):
+            raise
+        print(f"error: CUDA out of memory during pirl {args.command}; {oom_hint(args.command)}", file=sys.stderr)
         return 1
 
 

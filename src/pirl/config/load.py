@@ -29,6 +29,21 @@ def _preset_text(name: str) -> str:
     return resources.files("pirl.config").joinpath("presets", f"{name}.yaml").read_text()
 
 
+def _parse_yaml(text: str, name: str) -> Any:
+    """The preset or config file as an OmegaConf node; a YAML syntax error names the file, line and column."""
+    import yaml
+
+    try:
+        return OmegaConf.create(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{name}, line {mark.line + 1}, column {mark.column + 1}" if mark else name
+        what = err.problem or err.context or "syntax error"
+        raise PirlError(f"YAML syntax error in {where}: {what}") from None
+    except yaml.YAMLError as err:
+        raise PirlError(f"YAML syntax error in {name}: {str(err).splitlines()[0] if str(err) else err}") from None
+
+
 def _one_line(err: OmegaConfBaseException) -> str:
     msg = str(err).strip().splitlines()[0]
     key = getattr(err, "full_key", None)
@@ -42,7 +57,7 @@ def load_config(preset: str | None = None, overrides: Iterable[str] = (), base: 
         if base is not None:
             schema = OmegaConf.merge(schema, OmegaConf.create(base))
         if preset:
-            schema = OmegaConf.merge(schema, OmegaConf.create(_preset_text(preset)))
+            schema = OmegaConf.merge(schema, _parse_yaml(_preset_text(preset), preset))
         items = list(overrides)
         for item in items:
             if "=" not in item:

@@ -39,12 +39,13 @@ def _open(data: str, split: str, data_root: str | None, *, labels: bool = True) 
 
 
 def _features(model: LoadedModel, source: Any, data: str, split: str, *, stage: str, batch_size: int,
-              workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+              workers: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     dataset = LabeledImages(source, eval_transform(model.input_size, model.mean, model.std))
     key = {"model": model.identity, "data": str(Path(data).resolve()) if Path(data).exists() else data,
            "split": split, "n": len(source), "input_size": model.input_size, "mean": model.mean, "std": model.std}
     return extract_features_cached(model.trunk, dataset, cache_dir=default_cache_dir() / "features", key_parts=key,
-                                   stage=stage, batch_size=batch_size, num_workers=workers, progress=True)
+                                   stage=stage, batch_size=batch_size, num_workers=workers, device=device,
+                                   progress=True)
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -76,8 +77,7 @@ def _check_options(kind: str, specs: list[str], stage: str, **opts: Any) -> None
         raise PirlError(f"--lr must be a positive number, got {opts['lr']}")
     if not 0 <= opts["seed"] < 2**32:  # the range numpy, scikit-learn and torch all accept
         raise PirlError(f"--seed must be in [0, 2**32), got {opts['seed']}")
-    if kind in ("finetune", "invariance"):
-        ft.resolve_device(opts["device"])
+    ft.resolve_device(opts["device"])
 
 
 def evaluate(kind: str, model_spec: str | Sequence[str], data: str, val_data: str | None = None, *,
@@ -100,6 +100,7 @@ def evaluate(kind: str, model_spec: str | Sequence[str], data: str, val_data: st
                            images=images, seed=seed, batch_size=batch_size, workers=workers, device=device,
                            out_dir=out_dir)
 
+    dev = ft.resolve_device(device)  # features, kNN and linear probes run on it (auto: the GPU when present)
     model = load_model(specs[0], random_init=random_init, seed=seed)
     result: dict[str, Any] = {"eval": kind, "model": specs[0], "random_init": random_init, **model.describe()}
     suffix = "-random" if random_init else ""
@@ -117,19 +118,19 @@ def evaluate(kind: str, model_spec: str | Sequence[str], data: str, val_data: st
     result.update({"stage": stage, "train_images": len(train_src), "test_images": len(test_src)})
 
     def both(st: str) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        kw = {"stage": st, "batch_size": batch_size, "workers": workers}
+        kw = {"stage": st, "batch_size": batch_size, "workers": workers, "device": dev}
         return (_features(model, train_src, data, "train", **kw), _features(model, test_src, test_data, "test", **kw))
 
     if kind == "linear" and stage == "all":
-        result.update(_linear_all(both, seed))
+        result.update(_linear_all(both, seed, dev))
         return _write(result, out_dir, f"linear{suffix}-all")
     (train_f, train_y), (test_f, test_y) = both(stage)
     if kind == "knn":
-        accs = knn_accuracies(train_f, train_y, test_f, test_y, ks=ks, temperature=temperature)
+        accs = knn_accuracies(train_f.to(dev), train_y, test_f, test_y, ks=ks, temperature=temperature)
         result.update({"protocol": f"weighted kNN (NPID), cosine, T={temperature}", "k": max(ks),
                        "top1": accs[max(ks)], **{f"top1_k{k}": a for k, a in accs.items()}})
     elif kind == "linear":
-        probe = linear_probe(train_f, train_y, test_f, test_y, seed=seed)
+        probe = linear_probe(train_f, train_y, test_f, test_y, seed=seed, device=dev)
         result.update({"protocol": "L-BFGS multinomial logistic regression on standardised frozen features, "
                                    "weight decay chosen on a 10% held-out split", **probe})
     elif kind == "lowshot":
@@ -148,12 +149,12 @@ def _write(result: dict[str, Any], out_dir: Path | None, stem: str) -> dict[str,
     return result
 
 
-def _linear_all(stage_features: Callable[[str], Any], seed: int) -> dict[str, Any]:
+def _linear_all(stage_features: Callable[[str], Any], seed: int, device: torch.device | None = None) -> dict[str, Any]:
     """One probe per layer; each stage's features are extracted (or read from the cache) and then dropped."""
     per_stage: dict[str, dict[str, Any]] = {}
     for st in FEATURE_STAGES:
         (train_f, train_y), (test_f, test_y) = stage_features(st)
-        probe = linear_probe(train_f, train_y, test_f, test_y, seed=seed)
+        probe = linear_probe(train_f, train_y, test_f, test_y, seed=seed, device=device)
         per_stage[st] = {"feature_dim": train_f.shape[1], **probe}
         del train_f, test_f
     best = max(FEATURE_STAGES, key=lambda st: per_stage[st]["top1"])

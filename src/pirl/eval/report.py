@@ -1,5 +1,9 @@
 """``pirl report``: one self-contained HTML page comparing runs (config, training curves, evaluations, figures).
 
+Evaluations are shown as one chart per probe (evaluation kind and feature stage): per-layer and low-shot curves
+for every run, bar charts otherwise, random init as a dashed reference line in each, and the spread over seeds
+where runs share a config but differ in ``train.seed``; the only table holds the headline top-1 figures.
+
 The page works offline: inline CSS, no scripts, and every image (plots made here with matplotlib's Agg renderer,
 PNGs found under ``RUN/eval``) is a base64 ``data:`` URI. All text from the runs is HTML-escaped.
 """
@@ -37,6 +41,7 @@ text-align:left;vertical-align:top}th{background:#f3f3f3}td.num{text-align:right
 .best{font-weight:700}.small{font-size:.8rem;color:#555}.meta{color:#666;font-size:.85rem}
 img{max-width:100%;height:auto}figure{margin:1rem 0}figcaption{font-size:.85rem;color:#555}
 pre{background:#f7f7f7;padding:.6rem;overflow:auto;font-size:.8rem}.note{color:#a15c00}
+.probes{display:flex;flex-wrap:wrap;gap:1rem}.probe{flex:0 1 36rem;margin:0}
 """
 
 
@@ -277,48 +282,208 @@ def _scores(result: dict[str, Any]) -> list[tuple[str, Any]]:
     return (flat + nested)[:MAX_SCORES]
 
 
-def evaluation_table(runs: list[Run]) -> str:
-    """One row per evaluation (result file, kind, protocol), one column per run."""
-    rows: dict[tuple[str, str, str], dict[int, tuple[str, dict[str, Any]]]] = {}
+STAGE_ORDER = ("conv1", "res2", "res3", "res4", "res5", "pool")
+RANDOM = "random init"
+
+
+@dataclass
+class Probe:
+    """One evaluation protocol across all runs: its scores per run group, and the random-init figures."""
+
+    kind: str  # knn, linear, lowshot, finetune, retrieval, ...
+    variant: str  # the feature stage ("pool", "all") or the finetune fraction
+    protocol: str = ""
+    # group label -> the results of its runs (one per seed), and random-init results from any run
+    results: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    random: list[dict[str, Any]] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        if self.kind == "linear" and self.variant == "all":
+            return "linear probe per layer"
+        return f"{self.kind} ({self.variant})" if self.variant not in ("", "pool") else self.kind
+
+    @property
+    def shape(self) -> str:
+        """``layers`` (top-1 per feature stage), ``shots`` (top-1 per labelled images per class) or ``bar``."""
+        sample = next((r for rs in self.results.values() for r in rs), self.random[0] if self.random else {})
+        if isinstance(sample.get("top1_by_stage"), dict):
+            return "layers"
+        if isinstance(sample.get("top1_by_shot"), dict):
+            return "shots"
+        return "bar"
+
+
+def seed_groups(runs: list[Run]) -> list[tuple[str, list[int]]]:
+    """Runs that share a config except ``train.seed`` form one group (label, run indices), in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for i, run in enumerate(runs):
+        if run.config:
+            cfg = json.loads(json.dumps(run.config))
+            cfg.get("train", {}).pop("seed", None)
+            key = json.dumps(cfg, sort_keys=True, default=str)
+        else:
+            key = f"#{i}"  # no config (an export from elsewhere): a group of its own
+        groups.setdefault(key, []).append(i)
+    out = []
+    for members in groups.values():
+        if len(members) == 1:
+            out.append((runs[members[0]].name, members))
+        else:
+            seeds = ", ".join(_fmt(_get(runs[i].config, "train.seed")) for i in members)
+            out.append((f"{runs[members[0]].name} (seeds {seeds})", members))
+    return out
+
+
+def collect_probes(runs: list[Run]) -> list[Probe]:
+    """Every evaluation protocol found in the runs, with its results grouped by seed group."""
+    label_of = {i: label for label, members in seed_groups(runs) for i in members}
+    probes: dict[tuple[str, str], Probe] = {}
     for i, run in enumerate(runs):
         for file, result in run.results:
-            key = (Path(file).name, str(result.get("eval", "")), str(result.get("protocol", "")))
-            rows.setdefault(key, {})[i] = (file, result)
-    if not rows:
+            kind = str(result.get("eval") or Path(file).stem)
+            variant = (f"fraction {_fmt(result['fraction'])}" if kind == "finetune" and "fraction" in result
+                       else str(result.get("stage") or ""))
+            probe = probes.setdefault((kind, variant), Probe(kind, variant))
+            probe.protocol = probe.protocol or str(result.get("protocol", ""))
+            probe.files.append(f"{run.name}/{file}")
+            if result.get("random_init"):
+                probe.random.append(result)
+            else:
+                probe.results.setdefault(label_of[i], []).append(result)
+    order = {"knn": 0, "linear": 1, "lowshot": 2, "finetune": 3, "retrieval": 4}
+    return sorted(probes.values(), key=lambda p: (order.get(p.kind, 9), p.kind, p.variant != "pool", p.variant))
+
+
+def _top1s(results: list[dict[str, Any]]) -> list[float]:
+    return [float(r["top1"]) for r in results if _is_number(r.get("top1"))]
+
+
+def _curve(results: list[dict[str, Any]], field_name: str, xs: list[str]) -> list[list[float]]:
+    """Per result, its value at each x (NaN where missing)."""
+    return [[float(r[field_name][x]) if _is_number(r.get(field_name, {}).get(x)) else math.nan for x in xs]
+            for r in results]
+
+
+def _spread(values: list[float]) -> str:
+    """``mean`` for one value; ``mean ± d (n seeds)`` with d the largest distance of a seed from the mean."""
+    if not values:
+        return ""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return _fmt(mean)
+    return f"{_fmt(mean)} ± {_fmt(max(abs(v - mean) for v in values))} ({len(values)} seeds)"
+
+
+def probe_png(probe: Probe) -> str | None:
+    """The probe's chart as a data URI: per-layer or per-shot curves of every run group (seed range shaded),
+    or one bar per group (seeds as dots, their range as an error bar); random init as a dashed reference."""
+    groups = [(label, rs) for label, rs in probe.results.items() if rs]
+    if not groups and not probe.random:
+        return None
+    fig = _figure(1.3 if probe.shape != "bar" else max(1.0, 0.5 + 0.45 * len(groups)))
+    ax = fig.add_subplot(1, 1, 1)
+    colours = [f"C{i % 10}" for i in range(len(groups))]
+    if probe.shape in ("layers", "shots"):
+        field_name = "top1_by_stage" if probe.shape == "layers" else "top1_by_shot"
+        keys = {k for r in [*probe.random, *(r for _, rs in groups for r in rs)] for k in r.get(field_name, {})}
+        xs = ([s for s in STAGE_ORDER if s in keys] + sorted(keys - set(STAGE_ORDER))) if probe.shape == "layers" \
+            else sorted(keys, key=lambda k: float(k) if k.replace(".", "", 1).isdigit() else math.inf)
+        pos = list(range(len(xs)))
+        for (label, rs), colour in zip(groups, colours):
+            rows = _curve(rs, field_name, xs)
+            cols = [[v for v in col if not math.isnan(v)] for col in zip(*rows)]
+            mean = [sum(c) / len(c) if c else math.nan for c in cols]
+            ax.plot(pos, mean, marker="o", markersize=4, color=colour, label=label)
+            if len(rs) > 1:
+                ax.fill_between(pos, [min(c) if c else math.nan for c in cols],
+                                [max(c) if c else math.nan for c in cols], color=colour, alpha=0.2, linewidth=0)
+        if probe.random:
+            rows = _curve(probe.random, field_name, xs)
+            cols = [[v for v in col if not math.isnan(v)] for col in zip(*rows)]
+            ax.plot(pos, [sum(c) / len(c) if c else math.nan for c in cols], linestyle="--", color="0.45",
+                    marker="s", markersize=3, label=RANDOM)
+        ax.set_xticks(pos, xs)
+        ax.set_xlabel("feature layer" if probe.shape == "layers" else "labelled images per class")
+    else:
+        for x, ((label, rs), colour) in enumerate(zip(groups, colours)):
+            values = _top1s(rs)
+            if not values:
+                continue
+            mean = sum(values) / len(values)
+            ax.bar(x, mean, color=colour, alpha=0.85, width=0.6)
+            if len(values) > 1:
+                ax.errorbar(x, mean, yerr=[[mean - min(values)], [max(values) - mean]], color="black", capsize=4)
+                ax.scatter([x] * len(values), values, color="black", s=10, zorder=3)
+            ax.annotate(_fmt(round(mean, 4)), (x, max(values)), ha="center", va="bottom", fontsize=8,
+                        xytext=(0, 2), textcoords="offset points")
+        ax.set_xticks(range(len(groups)), [label for label, _ in groups], rotation=20 if len(groups) > 2 else 0,
+                      ha="right" if len(groups) > 2 else "center", fontsize=8)
+        ax.set_xlim(-0.6, max(len(groups), 1) - 0.4)
+    random = _top1s(probe.random)
+    if probe.shape == "bar" and random:
+        level = sum(random) / len(random)
+        ax.axhline(level, linestyle="--", color="0.35", linewidth=1.2, label=f"{RANDOM} {_fmt(round(level, 4))}")
+    ax.set_ylabel("top-1")
+    ax.set_ylim(bottom=0)
+    ax.set_title(probe.title)
+    ax.grid(alpha=0.3, axis="y")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
+    return _png(fig)
+
+
+def headline_table(runs: list[Run], probes: list[Probe]) -> str:
+    """One row per run group (and random init), one column per probe: top-1, mean ± spread over seeds."""
+    if not probes:
         return ('<p class="small">No evaluation results found. Run <code>pirl eval KIND --model RUN --out '
                 'RUN/eval</code> to add some.</p>')
-    head = "".join(f"<th>{escape(r.name)}</th>" for r in runs)
-    body = []
-    for (name, kind, protocol), cells in sorted(rows.items()):
-        top = [c[1].get("top1") for c in cells.values() if isinstance(c[1].get("top1"), (int, float))]
-        best = max(top) if len(top) > 1 else None
-        tds = []
-        for i in range(len(runs)):
-            if i not in cells:
-                tds.append('<td class="num">–</td>')
-                continue
-            file, result = cells[i]
-            top1 = result.get("top1")
-            mark = ' best' if best is not None and top1 == best else ""
-            extra = "<br>".join(f"{escape(k)} {escape(_fmt(v))}" for k, v in _scores(result))
-            details = ", ".join(f"{k} {_fmt(result[k])}" for k in ("stage", "random_init", "train_images",
-                                                                     "test_images") if k in result)
-            tds.append(f'<td class="num{mark}" title="{escape(file + (": " + details if details else ""))}">'
-                       f'{escape(_fmt(top1)) if top1 is not None else ""}'
-                       f'{"<br><span class=small>" + extra + "</span>" if extra else ""}</td>')
-        variant = []
-        sample = next(iter(cells.values()))[1]
-        if sample.get("random_init"):
-            variant.append("random init")
-        if sample.get("stage") not in (None, "pool"):
-            variant.append(f"stage {sample['stage']}")
-        label = escape(kind or name)
-        if variant:
-            label += f' <span class="small">({escape(", ".join(variant))})</span>'
-        body.append(f"<tr><td>{label}<br><span class=small>{escape(name)}</span></td>"
-                    f"<td class=small>{escape(protocol)}</td>{''.join(tds)}</tr>")
-    return (f"<table><tr><th>evaluation</th><th>protocol</th>{head}</tr>{''.join(body)}</table>"
-            '<p class="small">Cells: top-1 (bold: best of the row), then other scores; hover for the file.</p>')
+    labels = [label for label, _ in seed_groups(runs)]
+    rows = []
+    for label in [*labels, RANDOM]:
+        cells, values_by_probe = [], []
+        for probe in probes:
+            results = probe.random if label == RANDOM else probe.results.get(label, [])
+            values_by_probe.append(_top1s(results))
+        if not any(values_by_probe):
+            continue
+        for probe, values in zip(probes, values_by_probe):
+            others = [sum(v) / len(v) for lab, rs in probe.results.items() if (v := _top1s(rs))]
+            best = label != RANDOM and len(others) > 1 and values and sum(values) / len(values) == max(others)
+            cells.append(f'<td class="num{" best" if best else ""}">{escape(_spread(values))}</td>')
+        name = f"<i>{RANDOM}</i>" if label == RANDOM else escape(label)
+        rows.append(f"<tr><th>{name}</th>{''.join(cells)}</tr>")
+    head = "".join(f"<th>{escape(p.title)}</th>" for p in probes)
+    return (f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>"
+            '<p class="small">Top-1 (fractions); bold: the best run of a column; ± the largest distance of a seed '
+            "from the mean. Per-layer and low-shot columns give the headline figure (best layer; most shots).</p>")
+
+
+def _probe_details(probe: Probe) -> str:
+    """The numbers behind one chart, folded away: every score of every result."""
+    lines = []
+    for label, results in [*probe.results.items(), (RANDOM, probe.random)]:
+        for r in results:
+            scores = "; ".join(f"{k} {_fmt(v)}" for k, v in _scores(r))
+            lines.append(f"{label}: top1 {_fmt(r.get('top1'))}{'; ' + scores if scores else ''}")
+    return (f"<details><summary>numbers and files</summary><pre>{escape(chr(10).join(lines))}\n\n"
+            f"{escape(chr(10).join(probe.files))}</pre></details>")
+
+
+def evaluation_section(runs: list[Run]) -> str:
+    """The headline table, then one chart per probe with its protocol and (folded) numbers."""
+    probes = collect_probes(runs)
+    parts = [headline_table(runs, probes)]
+    figures = []
+    for probe in probes:
+        png = probe_png(probe)
+        if png:
+            figures.append(f'<figure class="probe"><img alt="{escape(probe.title)} chart" src="{png}">'
+                           f"<figcaption>{escape(probe.protocol)}{_probe_details(probe)}</figcaption></figure>")
+    if figures:
+        parts.append(f'<div class="probes">{"".join(figures)}</div>')
+    return "\n".join(parts)
 
 
 def _summary_table(runs: list[Run]) -> str:
@@ -361,7 +526,7 @@ def render(runs: list[Run], title: str | None = None) -> str:
         f"<h1>{escape(title)}</h1>",
         f'<p class="meta">{len(runs)} run(s), made by pirl report on {escape(when)}</p>',
         "<h2>Runs</h2>", _summary_table(runs),
-        "<h2>Evaluations</h2>", evaluation_table(runs),
+        "<h2>Evaluations</h2>", evaluation_section(runs),
     ]
     comparison = comparison_png(runs)
     if comparison:
