@@ -1,0 +1,349 @@
+"""The small-scale reproduction of PIRL's claims on CIFAR-10: one resumable command for the whole study.
+
+Every run pretrains with ``pirl train`` on a fixed testbed (the same preset, schedule and data for every
+method), exports the trunk with ``pirl export`` and is measured with the same commands a user would type:
+
+    pirl eval knn    --model EXPORT --data EVAL/train --val-data EVAL/test
+    pirl eval linear --model EXPORT --data EVAL/train --val-data EVAL/test --stage all
+
+EVAL/train holds every ``--eval-train-every``-th CIFAR-10 training image of each class (symlinks) and EVAL/test
+all 10,000 test images. No evaluation setting depends on the method.
+
+Each finished run is appended to ``--results`` (docs/results/reproduction.json) at once; runs already there are
+skipped, a run folder left by an interrupted run is resumed (``pirl train --resume``), and ``--only NAME...``
+runs a part. ``--list`` prints the plan; ``--report`` only rewrites the HTML page from the results file.
+
+    python experiments/reproduce.py --data CIFAR10_FOLDER_OR_ARCHIVE --out runs/repro [--only main-pirl-s0 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PIRL = [sys.executable, "-m", "pirl"]
+REPO = Path(__file__).resolve().parents[1]
+
+# The testbeds compared when choosing the study's setting (the "testbed" study). All start from the cpu-quick
+# preset: ResNet-18, 10,000 training images, batch 64, 8,192 negatives, InfoNCE at T = 0.1, head_bn, bank rows
+# initialised from features, light augmentation, and differ in resolution, stem and patch size.
+TESTBEDS: dict[str, dict] = {
+    "t32": {
+        "about": "32 px, ImageNet stem, 9 px patches from a 30 px crop (the cpu-quick geometry)",
+        "overrides": [],
+    },
+    "t64": {
+        "about": "CIFAR-10 upscaled to 64 px, ImageNet stem, 20 px patches from a 63 px crop",
+        "overrides": ["data.min_size=64", "data.image_size=64", "data.jigsaw_crop=63", "data.patch_size=20"],
+    },
+}
+SCHEDULE = ["data.subset=10000", "optim.epochs=12"]
+# The monitor is off in the study: every run is measured afterwards by the same evaluation.
+COMMON = ["train.knn_every=0"]
+CHOSEN = "t32"
+
+METHODS: dict[str, list[str]] = {
+    "pirl": [],
+    "npid": ["loss.method=npid"],
+    "pirl_rotation": ["loss.pretext=rotation"],
+    "pirl_jigsaw_rotation": ["loss.pretext=jigsaw_rotation"],
+    "jigsaw": ["loss.method=jigsaw"],
+    "rotation": ["loss.method=rotation"],
+    "supervised": ["loss.method=supervised"],
+}
+TRANSFER_CLASSES = ("airplane", "automobile", "bird", "cat", "deer")  # pretrain on these, probe on the rest
+
+
+@dataclass
+class Run:
+    """One entry of the plan: a training run (or random init) plus its evaluation."""
+
+    name: str
+    study: str
+    method: str  # a METHODS key or "random"
+    seed: int = 0
+    testbed: str = CHOSEN
+    overrides: list[str] = field(default_factory=list)
+    data: str = "cifar10"  # "cifar10" or "transfer" (pretrain on TRANSFER_CLASSES, probe on the others)
+    # random init is evaluated with the architecture of this (trained) run's export
+    like: str | None = None
+
+    def config_overrides(self) -> list[str]:
+        return [*TESTBEDS[self.testbed]["overrides"], *SCHEDULE, *COMMON, *METHODS[self.method], *self.overrides,
+                f"train.seed={self.seed}"]
+
+    def tags(self) -> dict:
+        lam = 0.0 if self.method == "npid" else 0.5 if self.method.startswith("pirl") else None
+        negatives = 8192 if self.method in ("pirl", "npid") or self.method.startswith("pirl_") else None
+        for o in self.overrides:
+            key, _, value = o.partition("=")
+            if key == "loss.lam":
+                lam = float(value)
+            if key == "loss.negatives":
+                negatives = int(value)
+        return {"lam": lam, "negatives": negatives}
+
+
+def plan() -> list[Run]:
+    runs: list[Run] = []
+    for tb in TESTBEDS:
+        runs.append(Run(f"testbed-{tb}-supervised", "testbed", "supervised", testbed=tb))
+        runs.append(Run(f"testbed-{tb}-random", "testbed", "random", testbed=tb, like=f"testbed-{tb}-supervised"))
+    # The main table: two seeds of the five main methods first (seed 0 of each, then seed 1), then the two other
+    # PIRL pretexts.
+    for seed in (0, 1):
+        for method in ("pirl", "npid", "jigsaw", "rotation", "supervised"):
+            runs.append(Run(f"main-{method}-s{seed}", "main", method, seed))
+        if seed == 0:
+            runs.append(Run("main-random", "main", "random", like="main-pirl-s0"))
+    runs += [Run(f"main-{m}-s0", "main", m) for m in ("pirl_rotation", "pirl_jigsaw_rotation")]
+    runs += [Run(f"lambda-{lam}-s0", "lambda", "pirl", overrides=[f"loss.lam={lam}"]) for lam in (0.25, 0.75, 1.0)]
+    runs += [Run(f"negatives-{k}-s0", "negatives", "pirl", overrides=[f"loss.negatives={k}"])
+             for k in (256, 1024, 4096, 10000)]
+    # Why PIRL may trail NPID++: candidate causes, each one run against main-pirl-s0 / main-npid-s0.
+    runs.append(Run("why-bn-image-stats-s0", "why", "pirl", overrides=["loss.transformed_bn_stats=false"]))
+    runs.append(Run("why-no-head-bn-pirl-s0", "why", "pirl", overrides=["model.head_bn=false"]))
+    runs.append(Run("why-no-head-bn-npid-s0", "why", "npid", overrides=["model.head_bn=false"]))
+    runs += [Run(f"transfer-{m}", "transfer", m, data="transfer") for m in ("pirl", "npid")]
+    runs.append(Run("transfer-random", "transfer", "random", data="transfer", like="transfer-pirl"))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def cifar_root(data: str, out: Path) -> Path:
+    """The CIFAR-10 tree (train/, test/): ``data`` itself, or the archive extracted once under ``out``."""
+    path = Path(data)
+    if path.is_dir():
+        return path
+    dest = out / "cifar10"
+    if not (dest / ".complete").exists():
+        tmp = out / "cifar10.partial"
+        subprocess.run(["rm", "-rf", str(tmp)], check=True)
+        tmp.mkdir(parents=True)
+        with tarfile.open(path) as tar:
+            tar.extractall(tmp, filter="data")
+        inner = [p for p in tmp.iterdir() if p.is_dir()]
+        top = inner[0] if len(inner) == 1 and not (tmp / "train").exists() else tmp
+        subprocess.run(["rm", "-rf", str(dest)], check=True)
+        top.rename(dest)
+        subprocess.run(["rm", "-rf", str(tmp)], check=True)
+        (dest / ".complete").touch()
+    return dest
+
+
+def link_tree(dest: Path, src: Path, classes: list[str], every: int) -> None:
+    for name in classes:
+        target = dest / name
+        target.mkdir(parents=True, exist_ok=True)
+        for fname in sorted(os.listdir(src / name))[::every]:
+            if not (target / fname).exists():
+                (target / fname).symlink_to((src / name / fname).resolve())
+
+
+def prepare_data(root: Path, out: Path, every: int) -> dict[str, Path]:
+    """Folders of symlinks: eval/{train,test}, transfer-pretrain/train and transfer-eval/{train,test}."""
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    rest = [c for c in classes if c not in TRANSFER_CLASSES]
+    folders = {"eval": out / "eval-data", "transfer-pretrain": out / "transfer-pretrain",
+               "transfer-eval": out / "transfer-eval"}
+    marker = out / "data-ready.json"
+    want = {"every": every, "root": str(root.resolve())}
+    if marker.exists() and json.loads(marker.read_text()) == want:
+        return folders
+    link_tree(folders["eval"] / "train", root / "train", classes, every)
+    link_tree(folders["eval"] / "test", root / "test", classes, 1)
+    link_tree(folders["transfer-pretrain"] / "train", root / "train", [c for c in classes if c in TRANSFER_CLASSES],
+              1)
+    link_tree(folders["transfer-eval"] / "train", root / "train", rest, every)
+    link_tree(folders["transfer-eval"] / "test", root / "test", rest, 1)
+    marker.write_text(json.dumps(want))
+    return folders
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def pirl(args: list[str], log: Path) -> dict:
+    """Run a pirl command, keep its output in ``log``, return its last line parsed as JSON."""
+    print("+ pirl", " ".join(args), flush=True)
+    done = subprocess.run([*PIRL, *args], capture_output=True, text=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise SystemExit(f"pirl {' '.join(args)} failed ({done.returncode}); see {log}\n{done.stderr[-1500:]}")
+    lines = done.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:
+        return {"output": lines[-1]}
+
+
+def images_per_s(run_dir: Path) -> float | None:
+    """Median training throughput over the logged windows, leaving out the first (warm-up) one."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["images_per_s"] for r in records if r.get("kind") == "train"]
+    rates = rates[1:] or rates
+    return round(statistics.median(rates), 1) if rates else None
+
+
+def train(run: Run, run_dir: Path, train_data: Path, extra: list[str]) -> dict:
+    """Pretrain (or finish an interrupted pretraining) and export; returns the training figures."""
+    timing = run_dir / "study-train-seconds.json"
+    spent = json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
+    args = ["train", "--data", str(train_data), "--preset", "cpu-quick", "--out", str(run_dir),
+            *run.config_overrides(), *extra]
+    if (run_dir / "config.json").exists():
+        args.insert(1, "--resume")
+    start = time.perf_counter()
+    summary = pirl(args, run_dir.parent / f"{run.name}.train.log")
+    spent += time.perf_counter() - start
+    timing.write_text(json.dumps({"seconds": spent}))
+    pirl(["export", str(run_dir), "--out", str(run_dir / "export")], run_dir.parent / f"{run.name}.export.log")
+    config = json.loads((run_dir / "config.json").read_text())
+    config = config.get("config", config)
+    return {"epochs": config["optim"]["epochs"], "train_s": round(spent), "images_per_s": images_per_s(run_dir),
+            "final_loss": summary.get("loss")}
+
+
+def evaluate(model: Path, eval_data: Path, out: Path, *, random_init: bool, workers: int, stage: str = "all"
+             ) -> dict:
+    common = ["--model", str(model), "--data", str(eval_data / "train"), "--val-data", str(eval_data / "test"),
+              "--out", str(out), "--workers", str(workers), *(["--random-init"] if random_init else [])]
+    knn = pirl(["eval", "knn", *common], out / "knn.log")
+    linear = pirl(["eval", "linear", *common, "--stage", stage], out / "linear.log")
+    if stage != "all":  # one layer only (the smoke test): it is both the pooled and the best probe
+        return {"knn_k20": knn["top1_k20"], "knn_k200": knn["top1"], "linear": linear["top1"],
+                "linear_best": linear["top1"], "best_stage": stage, "linear_by_stage": {stage: linear["top1"]},
+                "linear_weight_decay": linear.get("weight_decay")}
+    written = out / "linear-all.json"
+    full = json.loads(written.read_text()) if written.exists() else linear
+    by_stage = linear.get("top1_by_stage") or full.get("top1_by_stage")
+    return {"knn_k20": knn["top1_k20"], "knn_k200": knn["top1"], "linear": by_stage["pool"],
+            "linear_best": linear["top1"], "best_stage": linear["best_stage"], "linear_by_stage": by_stage,
+            "linear_weight_decay": _pool_weight_decay(full)}
+
+
+def _pool_weight_decay(result: dict) -> float | None:
+    return result.get("details", {}).get("per_stage", {}).get("pool", {}).get("weight_decay")
+
+
+def load_results(path: Path) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"testbed": {}, "runs": []}
+
+
+def save_results(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def testbed_record(smoke: bool) -> dict:
+    return {
+        "chosen": CHOSEN,
+        "candidates": {k: v["about"] for k, v in TESTBEDS.items()},
+        "preset": "cpu-quick",
+        "overrides": [*TESTBEDS[CHOSEN]["overrides"], *SCHEDULE, *COMMON],
+        "epochs": 12,
+        "subset": 10000,
+        "eval": "weighted kNN (k=20, 200; cosine, T=0.07) and L-BFGS linear probes (pooled res5; per layer conv1, "
+                "res2-res5 pooled to ~9k values) on every 5th CIFAR-10 training image (10,000) against all 10,000 "
+                "test images; the same commands for every method",
+        "smoke": smoke,
+    }
+
+
+def write_html(results: dict, path: Path) -> None:
+    from study_report import write_html as write
+
+    write(results, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="CIFAR-10 ImageFolder tree (train/, test/) or its .tar.gz")
+    parser.add_argument("--out", default="runs/repro", help="folder for the runs (not committed)")
+    parser.add_argument("--results", default=str(REPO / "docs/results/reproduction.json"))
+    parser.add_argument("--html", default=str(REPO / "docs/results/reproduction.html"))
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these plan entries")
+    parser.add_argument("--study", nargs="+", help="run only these studies (testbed, main, lambda, ...)")
+    parser.add_argument("--list", action="store_true", help="print the plan and what is done, then exit")
+    parser.add_argument("--report", action="store_true", help="only rewrite the HTML page from the results")
+    parser.add_argument("--eval-train-every", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=1, help="data-loading workers for the evaluations")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny schedule for testing the script itself (tiny data, 1 epoch, few negatives)")
+    args = parser.parse_args(argv)
+    results_path = Path(args.results)
+    results = load_results(results_path)
+    done = {r["name"] for r in results["runs"]}
+    runs = plan()
+    if args.list:
+        for r in runs:
+            print(f"{'done' if r.name in done else '    '}  {r.name:32s} {r.study:10s} {r.method}")
+        return
+    if args.report:
+        write_html(results, Path(args.html))
+        return
+    if not args.data:
+        parser.error("--data is required")
+    if args.only and (unknown := set(args.only) - {r.name for r in runs}):
+        parser.error(f"unknown run name(s): {', '.join(sorted(unknown))}; see --list")
+    by_name = {r.name: r for r in runs}
+    # --only runs in the order given, so the most wanted part of a long study can go first
+    selected = [by_name[n] for n in args.only] if args.only else runs
+    selected = [r for r in selected if not args.study or r.study in args.study]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    root = cifar_root(args.data, out)
+    folders = prepare_data(root, out, args.eval_train_every)
+    extra = ["data.subset=0", "optim.epochs=1", "loss.negatives=32", "optim.batch_size=16",
+             "loss.bank_init=random", "data.workers=0", "train.log_every=1"] if args.smoke else []
+    results["testbed"] = testbed_record(args.smoke)
+    workers = 0 if args.smoke else args.workers
+    stage = "pool" if args.smoke else "all"
+    for run in selected:
+        if run.name in done:
+            continue
+        run_dir = out / run.name
+        eval_data = folders["transfer-eval" if run.data == "transfer" else "eval"]
+        if run.method == "random":
+            like = by_name[run.like]
+            model = out / like.name / "export"
+            if not model.exists():
+                print(f"skip {run.name}: needs {like.name} first", flush=True)
+                continue
+            row = {"epochs": 0, "train_s": 0, "images_per_s": None}
+            row |= evaluate(model, eval_data, run_dir / "eval", random_init=True, workers=workers, stage=stage)
+        else:
+            train_data = folders["transfer-pretrain"] if run.data == "transfer" else root
+            row = train(run, run_dir, train_data, extra)
+            row |= evaluate(run_dir / "export", eval_data, run_dir / "eval", random_init=False,
+                            workers=workers, stage=stage)
+        row = {"name": run.name, "study": run.study, "method": run.method, "seed": run.seed,
+               "testbed": run.testbed, **run.tags(), **row, "overrides": run.overrides,
+               "export": str(run_dir / "export") if run.method != "random" else None,
+               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        results["runs"].append(row)
+        save_results(results_path, results)
+        print(json.dumps({k: row[k] for k in ("name", "knn_k20", "knn_k200", "linear", "linear_best")}), flush=True)
+    save_results(results_path, results)
+    write_html(results, Path(args.html))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The reproduction study's offline HTML page: one chart per claim, drawn from docs/results/reproduction.json.
+
+Charts (matplotlib, embedded as PNG data URIs, so the page opens without a network): a bar chart per probe
+with the seed spread and random init as a reference line, the lambda curve, the negatives curve, per-layer
+curves, the testbed comparison, any invariance histograms the study saved, and a table of every run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PROBES = (("knn_k20", "kNN k=20"), ("knn_k200", "kNN k=200"), ("linear", "linear, pooled res5"),
+          ("linear_best", "linear, best layer"))
+ORDER = ("pirl", "pirl_jigsaw_rotation", "pirl_rotation", "npid", "jigsaw", "rotation", "supervised")
+STAGES = ("conv1", "res2", "res3", "res4", "res5", "pool")
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="chart" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _group(runs: list[dict], key) -> dict:
+    out: dict = defaultdict(list)
+    for r in runs:
+        out[key(r)].append(r)
+    return out
+
+
+def _random(runs: list[dict], study: str) -> dict | None:
+    rows = [r for r in runs if r["method"] == "random" and r["study"] == study]
+    return rows[0] if rows else None
+
+
+def main_bars(runs: list[dict]) -> str:
+    main = [r for r in runs if r["study"] == "main" and r["method"] != "random"]
+    if not main:
+        return ""
+    by_method = _group(main, lambda r: r["method"])
+    methods = [m for m in ORDER if m in by_method]
+    rand = _random(runs, "main")
+    fig, axes = plt.subplots(1, len(PROBES), figsize=(4.2 * len(PROBES), 3.6), squeeze=False)
+    for ax, (key, title) in zip(axes[0], PROBES):
+        vals = [[r[key] for r in by_method[m]] for m in methods]
+        means = [mean(v) for v in vals]
+        lo = [mu - min(v) for mu, v in zip(means, vals)]
+        hi = [max(v) - mu for mu, v in zip(means, vals)]
+        ax.bar(range(len(methods)), means, yerr=[lo, hi], capsize=3,
+               color=["#d62728" if m.startswith("pirl") else "#1f77b4" for m in methods])
+        if rand:
+            ax.axhline(rand[key], color="k", ls="--", lw=1, label="random init")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_xticks(range(len(methods)), methods, rotation=40, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(min([*means, rand[key] if rand else 1.0]) - 0.05, max(means) + 0.05)
+    fig.suptitle("Equal epochs: mean over seeds, bars show min-max", fontsize=10)
+    return _png(fig)
+
+
+def _curve(points: dict[float, list[dict]], xlabel: str, title: str, log: bool = False) -> str:
+    xs = sorted(points)
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for key, label in PROBES[1:3]:
+        ax.plot(xs, [mean(r[key] for r in points[x]) for x in xs], marker="o", label=label)
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def lambda_curve(runs: list[dict]) -> str:
+    points: dict[float, list[dict]] = defaultdict(list)
+    for r in runs:
+        if (r["study"] == "lambda" or (r["study"] == "main" and r["method"] in ("pirl", "npid"))) \
+                and r.get("lam") is not None:
+            points[r["lam"]].append(r)
+    return _curve(points, "lambda (weight of the transformed term)", "Fig. 6: lambda") if len(points) > 1 else ""
+
+
+def negatives_curve(runs: list[dict]) -> str:
+    points: dict[float, list[dict]] = defaultdict(list)
+    for r in runs:
+        if (r["study"] == "negatives" or (r["study"] == "main" and r["method"] == "pirl")) and r.get("negatives"):
+            points[r["negatives"]].append(r)
+    return _curve(points, "negatives (the bank holds 10,000 rows)", "Fig. 8: negatives", log=True) \
+        if len(points) > 1 else ""
+
+
+def layer_curves(runs: list[dict]) -> str:
+    main = [r for r in runs if r["study"] == "main" and r.get("linear_by_stage")]
+    if not main:
+        return ""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for method, rows in sorted(_group(main, lambda r: r["method"]).items(),
+                               key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else 99):
+        stages = [s for s in STAGES if all(s in r["linear_by_stage"] for r in rows)]
+        ax.plot(stages, [mean(r["linear_by_stage"][s] for r in rows) for s in stages], marker="o", label=method,
+                ls="--" if method == "random" else "-", color="k" if method == "random" else None)
+    ax.set_ylabel("linear top-1")
+    ax.set_title("Fig. 5: linear probe per layer", fontsize=10)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    def fmt(v) -> str:
+        return f"{v:.3f}" if isinstance(v, float) and v <= 1.0 else html.escape(str(v if v is not None else "-"))
+
+    head = "".join(f"<th>{html.escape(t)}</th>" for _, t in cols)
+    body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(k))}</td>" for k, _ in cols) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_html(results: dict, path: Path) -> None:
+    runs = results.get("runs", [])
+    cols = [("name", "run"), ("method", "method"), ("seed", "seed"), ("epochs", "epochs"), ("train_s", "train s"),
+            ("images_per_s", "images/s"), ("knn_k20", "kNN k=20"), ("knn_k200", "kNN k=200"),
+            ("linear", "linear res5"), ("linear_best", "linear best"), ("best_stage", "best layer")]
+    sections = [
+        ("Equal-epoch comparison (Table 2 / 5)", main_bars(runs)),
+        ("lambda (Fig. 6)", lambda_curve(runs)),
+        ("Negatives (Fig. 8)", negatives_curve(runs)),
+        ("Per-layer probes (Fig. 5 / Table 7)", layer_curves(runs)),
+    ]
+    figures = "".join(f"<h2>{html.escape(t)}</h2>{chart}" for t, chart in sections if chart)
+    for fig in results.get("figures", []):
+        png = Path(fig["png"])
+        if png.is_file():
+            data = base64.b64encode(png.read_bytes()).decode()
+            figures += f'<h2>{html.escape(fig["title"])}</h2><img alt="figure" src="data:image/png;base64,{data}">'
+    testbed = results.get("testbed", {})
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>pirl: reproduction on CIFAR-10</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}}table{{border-collapse:collapse;
+font-size:13px}}td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}img{{max-width:100%}}</style>
+</head><body><h1>pirl: a small-scale reproduction of PIRL on CIFAR-10</h1>
+<p>Testbed: {html.escape(str(testbed.get("candidates", {}).get(testbed.get("chosen"), "")))};
+overrides of the cpu-quick preset: {html.escape(" ".join(testbed.get("overrides", [])))}.</p>
+<p>Evaluation: {html.escape(str(testbed.get("eval", "")))}.</p>
+{figures}<h2>Every run</h2>{_table(runs, cols)}</body></html>
+"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page)
