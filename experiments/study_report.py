@@ -65,7 +65,7 @@ def main_bars(runs: list[dict]) -> str:
         ax.set_xticks(range(len(methods)), methods, rotation=40, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.set_ylim(min([*means, rand[key] if rand else 1.0]) - 0.05, max(means) + 0.05)
-    fig.suptitle("Equal epochs: mean over seeds, bars show min-max", fontsize=10)
+    fig.suptitle("Equal epochs: mean over seeds, bars show min-max", fontsize=10, y=1.06)
     return _png(fig)
 
 
@@ -126,12 +126,28 @@ def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def testbed_table(runs: list[dict]) -> str:
+    """Supervised against random init on each candidate testbed: the gain each leaves for methods to show."""
+    rows = []
+    for tb in sorted({r["testbed"] for r in runs if r["study"] == "testbed"}):
+        sup = [r for r in runs if r["study"] == "testbed" and r["testbed"] == tb and r["method"] == "supervised"]
+        rnd = [r for r in runs if r["study"] == "testbed" and r["testbed"] == tb and r["method"] == "random"]
+        if sup and rnd:
+            rows.append({"testbed": tb, "supervised": sup[0]["linear"], "random": rnd[0]["linear"],
+                         "gain": f"{100 * (sup[0]['linear'] - rnd[0]['linear']):+.1f} points",
+                         "knn": sup[0]["knn_k200"], "knn_random": rnd[0]["knn_k200"]})
+    cols = [("testbed", "testbed"), ("supervised", "supervised linear res5"), ("random", "random init"),
+            ("gain", "gain"), ("knn", "supervised kNN k=200"), ("knn_random", "random kNN k=200")]
+    return _table(rows, cols) if rows else ""
+
+
 def write_html(results: dict, path: Path) -> None:
     runs = results.get("runs", [])
     cols = [("name", "run"), ("method", "method"), ("seed", "seed"), ("epochs", "epochs"), ("train_s", "train s"),
             ("images_per_s", "images/s"), ("knn_k20", "kNN k=20"), ("knn_k200", "kNN k=200"),
             ("linear", "linear res5"), ("linear_best", "linear best"), ("best_stage", "best layer")]
     sections = [
+        ("Testbed candidates: supervised against random init, same schedule", testbed_table(runs)),
         ("Equal-epoch comparison (Table 2 / 5)", main_bars(runs)),
         ("lambda (Fig. 6)", lambda_curve(runs)),
         ("Negatives (Fig. 8)", negatives_curve(runs)),
