@@ -124,6 +124,10 @@ def validate(cfg: Config) -> None:
     _choice("model.arch", m.arch, ARCHS)
     _choice("model.stem", m.stem, STEMS)
     _choice("model.head", m.head, ("linear", "mlp"))
+    from pirl.interop import check_init
+
+    init_problem = check_init(m.init)
+    _check(init_problem is None, "model.init", m.init, init_problem or "")
     _choice("loss.method", lo.method, ("pirl", "npid", "jigsaw", "rotation", "supervised"))
     if lo.method == "jigsaw":
         most = min(math.factorial(min(d.grid ** 2, 10)), 100_000)  # 10! already exceeds the cap
