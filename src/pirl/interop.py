@@ -113,7 +113,13 @@ def load_initial_weights(trunk: nn.Module, spec: str) -> None:
 
 def check_init(spec: str) -> str | None:
     """Why ``model.init`` cannot work, before any training starts (None when it looks usable)."""
-    if not spec or spec.startswith(("torchvision:", "timm:")):
+    if not spec or spec.startswith("timm:"):
+        return None
+    if spec.startswith("torchvision:"):
+        try:
+            torchvision_weights(spec)  # the name only: nothing is downloaded here
+        except PirlError as err:
+            return str(err)
         return None
     if not Path(spec).exists():
         return "must be torchvision:<weights enum>, timm:<model name> or an existing export, run or checkpoint"
