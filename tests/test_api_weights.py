@@ -58,6 +58,11 @@ def folder(tmp_path_factory):
     return root
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIRL_CACHE_DIR", str(tmp_path / "cache"))
+
+
 # --- 1. the Python API ----------------------------------------------------------------------------------------
 
 def test_public_names_resolve_and_import_is_lazy():
@@ -141,6 +146,8 @@ def test_init_and_eval_from_torchvision_weights_in_the_hub_cache(hub_cache, monk
     assert (ref.arch, ref.input_size) == ("resnet18", 224)
     with pytest.raises(pirl.PirlError, match="ResNet18_Weights.IMAGENET1K_V1"):  # lists the valid members
         pirl.load_model("torchvision:ResNet18_Weights.NOPE")
+    with pytest.raises(pirl.PirlError, match="IMAGENET1K_V1"):  # a bad name stops at config time
+        tiny_config("model.init=torchvision:ResNet18_Weights.V9")
     with pytest.raises(pirl.PirlError, match="mis-shaped"):  # ResNet-18 weights, ResNet-34 trunk
         build_method(tiny_config("model.init=torchvision:ResNet18_Weights.IMAGENET1K_V1", "model.arch=resnet34"), 8)
 
@@ -159,6 +166,14 @@ def test_init_from_timm_weights(monkeypatch):
     method = build_method(tiny_config("model.init=timm:resnet18.a1_in1k"), 8)
     assert calls == [("resnet18.a1_in1k", True, 0)]
     _same_weights(method.encoder.trunk.state_dict(), made.state_dict())
+
+
+def test_cli_eval_knn_on_torchvision_weights(hub_cache, folder, capsys):
+    assert main(["eval", "knn", "--model", "torchvision:ResNet18_Weights.IMAGENET1K_V1", "--data", str(folder),
+                 "--val-data", str(folder), "--workers", "0", "--batch-size", "32"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["arch"] == "resnet18" and summary["model"].startswith("torchvision:")
+    assert summary["test_images"] == 24 and 0 <= summary["top1"] <= 1
 
 
 # --- 3. weights from the paper: VISSL checkpoints ---------------------------------------------------------------
@@ -203,6 +218,16 @@ def test_import_vissl_checkpoint_then_eval(tmp_path, folder, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1 and not (tmp_path / "y").exists()
 
 
+def test_import_vissl_bare_trunk_with_prefixes(tmp_path):
+    """A trunk saved alone, keys as VISSL's weight-init prefix writes them (trunk.base_model._feature_blocks.)."""
+    torch.manual_seed(9)
+    trunk = build_trunk("resnet18")
+    torch.save({f"module.trunk.base_model._feature_blocks.{k}": v for k, v in trunk.state_dict().items()},
+               tmp_path / "trunk.torch")
+    out = pirl.import_vissl(tmp_path / "trunk.torch", tmp_path / "exp", arch="resnet18")
+    assert torch.allclose(_outputs(pirl.load_model(out).trunk), _outputs(trunk))
+
+
 # --- 4. weights out: Detectron2 and timm ------------------------------------------------------------------------
 
 def test_export_detectron2_pkl_keys_shapes_values(trained, tmp_path, capsys):
@@ -240,3 +265,8 @@ def test_export_timm_loads_in_timm_with_the_same_outputs(trained, tmp_path):
                               pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
     ours = pirl.load_model(out).trunk  # the timm export is also a pirl export
     assert torch.allclose(_outputs(model), _outputs(ours), atol=1e-5)
+    cifar = tmp_path / "cifar"
+    pirl.pretrain(tiny_config("optim.epochs=1", "model.stem=cifar"), random_source(16), cifar, progress=False)
+    with pytest.raises(pirl.PirlError, match="ImageNet stem"):
+        pirl.export(cifar, tmp_path / "timm-cifar", format="timm")
+    assert not (tmp_path / "timm-cifar").exists()
