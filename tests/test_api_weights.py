@@ -176,6 +176,28 @@ def test_cli_eval_knn_on_torchvision_weights(hub_cache, folder, capsys):
     assert summary["test_images"] == 24 and 0 <= summary["top1"] <= 1
 
 
+def test_a_timm_backbone_beyond_resnets_trains_exports_and_loads_in_timm(folder, tmp_path):
+    timm = pytest.importorskip("timm")
+    name = "mobilenetv3_small_050"  # pooled features through a pre-logits layer: 1024 wide, not num_features
+    run = pirl.pretrain(tiny_config("optim.epochs=1", f"model.arch=timm:{name}"), random_source(16), tmp_path / "run",
+                        progress=False)
+    assert np.isfinite(run.loss)
+    out = pirl.export(run.run_dir, tmp_path / "exp", format="timm")
+    ours = pirl.load_model(out)
+    assert ours.arch == f"timm:{name}" and json.loads((out / "config.json").read_text())["architecture"] == name
+    theirs = timm.create_model(name, pretrained=True, num_classes=0,
+                               pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
+    assert _outputs(ours.trunk).shape == (2, 1024)
+    assert torch.allclose(_outputs(theirs), _outputs(ours.trunk), atol=1e-5)
+    assert 0 <= pirl.evaluate.knn(out, str(folder), str(folder), workers=0, batch_size=32)["top1"] <= 1
+    with pytest.raises(pirl.PirlError, match="torchvision ResNet"):
+        pirl.evaluate.linear(out, str(folder), str(folder), workers=0, stage="res4")
+    with pytest.raises(pirl.PirlError, match="detectron2"):
+        pirl.export(out, tmp_path / "d2", format="detectron2")
+    with pytest.raises(pirl.PirlError, match="model.stem"):
+        tiny_config(f"model.arch=timm:{name}", "model.stem=cifar")
+
+
 # --- 3. weights from the paper: VISSL checkpoints ---------------------------------------------------------------
 
 def _vissl_checkpoint(path: Path, arch: str = "resnet18") -> dict:

@@ -202,6 +202,8 @@ def write_detectron2(weights: dict[str, torch.Tensor], path: Path, arch: str, st
 
     if stem != "imagenet":
         raise PirlError(f"--format detectron2 needs the ImageNet stem; this trunk has stem={stem}")
+    if arch.startswith("timm:"):
+        raise PirlError(f"--format detectron2 is for torchvision ResNets; this trunk is {arch}")
     model = {detectron2_key(k): v.detach().cpu().numpy() for k, v in weights.items()
              if not k.endswith("num_batches_tracked")}
     blob = {"model": model, "__author__": f"pirl ({arch})", "matching_heuristics": True}
@@ -213,9 +215,10 @@ def timm_config(meta: dict[str, Any]) -> dict[str, Any]:
     """The ``config.json`` fields timm reads (``architecture``, ``pretrained_cfg``), beside pirl's own."""
     if meta["stem"] != "imagenet":
         raise PirlError(f"--format timm needs the ImageNet stem; this trunk has stem={meta['stem']}")
-    size = int(meta["input_size"])
-    return {"architecture": meta["arch"], "num_classes": 0, "num_features": meta["feature_dim"],
-            "pretrained_cfg": {"architecture": meta["arch"], "num_classes": 0, "input_size": [3, size, size],
+    size, name = int(meta["input_size"]), meta["arch"].removeprefix("timm:")
+    return {"architecture": name, "num_classes": 0, "num_features": meta["feature_dim"],
+            "pretrained_cfg": {"architecture": name, "num_classes": 0, "input_size": [3, size, size],
                                "mean": list(meta["mean"]), "std": list(meta["std"]), "crop_pct": 0.875,
-                               "interpolation": "bilinear", "classifier": "fc", "first_conv": "conv1",
-                               "license": "same as the training data"}}
+                               "interpolation": "bilinear",
+                               **({} if meta["arch"].startswith("timm:") else
+                                  {"classifier": "fc", "first_conv": "conv1"})}}

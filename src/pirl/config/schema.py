@@ -40,7 +40,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"
+    arch: str = "resnet50"  # a torchvision ResNet (models/trunk.py ARCHS) or timm:<model name> (needs timm)
     stem: str = "imagenet"  # "cifar": 3x3 stride-1 conv1 without max-pool, for 32-pixel inputs
     head: str = "linear"  # "linear" (paper) or "mlp" (VISSL's SimCLR-style heads)
     head_bn: bool = False  # end f and g with BatchNorm1d (no affine): centred embeddings, see models/heads.py
