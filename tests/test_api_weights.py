@@ -40,8 +40,8 @@ def _outputs(trunk: torch.nn.Module, size: int = 32) -> torch.Tensor:
 def trained(tmp_path_factory):
     """One tiny PIRL run through pirl.pretrain, and its export."""
     tmp = tmp_path_factory.mktemp("api")
-    run = pirl.pretrain("cpu-quick", random_source(24), tmp / "run", overrides=[*TINY, "optim.epochs=1"],
-                        progress=False)
+    run = pirl.pretrain("cpu-quick", random_source(24), tmp / "run", overrides=TINY, progress=False,
+                        optim_epochs=1, loss_lam=0.25)
     return run, run.export(tmp / "export")
 
 
@@ -80,13 +80,18 @@ def test_pretrain_validates_like_the_cli(tmp_path):
     cfg.optim.batch_size = 0  # edited by hand after loading: still checked
     with pytest.raises(pirl.PirlError, match="optim.batch_size"):
         pirl.pretrain(cfg, random_source(8), tmp_path / "b")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(pirl.PirlError, match="optim.epochs"):  # keywords: section_key
+        pirl.pretrain("cpu-quick", random_source(8), tmp_path / "c", optim_epochs=0)
+    with pytest.raises(pirl.PirlError, match="section_key"):
+        pirl.pretrain("cpu-quick", random_source(8), tmp_path / "d", epochs=3)
+    assert not any((tmp_path / n).exists() for n in "abcd")
 
 
 def test_pretrain_result_export_and_load_model_round_trip(trained):
     run, export_dir = trained
     assert isinstance(run, pirl.PretrainResult) and run.epochs == 1 and run.checkpoint.is_file()
     assert np.isfinite(run.loss) and run.num_samples == 24
+    assert json.loads((run.run_dir / "config.json").read_text())["config"]["loss"]["lam"] == 0.25
     ckpt = torch.load(run.checkpoint, weights_only=True)
     trunk = {k[len("encoder.trunk."):]: v for k, v in ckpt["method"].items() if k.startswith("encoder.trunk.")}
     _same_weights(pirl.load_model(export_dir).trunk.state_dict(), trunk)

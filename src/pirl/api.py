@@ -51,6 +51,21 @@ def _override_strings(overrides: Mapping[str, Any] | Iterable[str] | None) -> li
     return list(overrides)
 
 
+SECTIONS = ("data", "model", "loss", "optim", "train")
+
+
+def _keyword_overrides(settings: Mapping[str, Any]) -> list[str]:
+    """``optim_epochs=5`` -> ``optim.epochs=5`` (section names have no underscore, so the split is unambiguous)."""
+    out = []
+    for name, value in settings.items():
+        section, _, key = name.partition("_")
+        if section not in SECTIONS or not key:
+            raise PirlError(f"unknown keyword {name!r}; config keys are given as section_key, e.g. optim_epochs=5 "
+                            f"(sections: {', '.join(SECTIONS)})")
+        out.extend(_override_strings({f"{section}.{key}": value}))
+    return out
+
+
 def resolve_config(config: Config | str | Path | Mapping[str, Any] | None = None,
                    overrides: Mapping[str, Any] | Iterable[str] | None = None) -> Config:
     """A validated :class:`Config` from a preset name, a YAML path, a :class:`Config`, or a nested dict, with
@@ -68,8 +83,11 @@ def resolve_config(config: Config | str | Path | Mapping[str, Any] | None = None
 def pretrain(config: Config | str | Path | Mapping[str, Any] | None, data: Any, out: str | Path, *,
              overrides: Mapping[str, Any] | Iterable[str] | None = None, resume: bool = False,
              val_data: Any = None, data_root: str | None = None, download: bool = False,
-             progress: bool = True) -> PretrainResult:
+             progress: bool = True, **settings: Any) -> PretrainResult:
     """Pretrain a trunk: the Python form of ``pirl train``.
+
+    Config keys can also be given as keywords, the section and the key joined by ``_``:
+    ``pirl.pretrain("cpu-quick", "images/", "runs/a", optim_epochs=5, loss_lam=0.25)``.
 
     ``config``: a preset (``"cpu-quick"``, ``"cifar10-r18"``, ``"imagenet-r50"``), a YAML path, a :class:`Config`
     or a nested dict (None: cpu-quick). ``data``: a folder, an archive, a torchvision dataset name or an
@@ -79,6 +97,7 @@ def pretrain(config: Config | str | Path | Mapping[str, Any] | None, data: Any, 
     from pirl.checkpoint import load_latest
     from pirl.train import train
 
+    overrides = [*_override_strings(overrides), *_keyword_overrides(settings)]
     found = load_latest(out) if resume and Path(out).is_dir() else None
     cfg = (load_config(None, _override_strings(overrides), base=found[1]["config"]) if found
            else resolve_config(config, overrides))
