@@ -71,6 +71,11 @@ def test_public_names_resolve_and_import_is_lazy():
     assert callable(pirl.evaluate.knn) and callable(pirl.evaluate.linear)
     with pytest.raises(AttributeError):
         pirl.no_such_thing  # noqa: B018
+    import subprocess
+
+    code = "import sys, pirl; print('torch' in sys.modules)"
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout == "False\n"
 
 
 def test_pretrain_validates_like_the_cli(tmp_path):
