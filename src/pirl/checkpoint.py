@@ -171,10 +171,22 @@ def trunk_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in checkpoint["method"].items() if k.startswith(prefix)}
 
 
-def export(run_or_checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write ``model.safetensors`` (trunk only, torchvision keys, no ``fc``) and ``config.json`` into ``out_dir``."""
+def export(run_or_checkpoint: str | Path, out_dir: str | Path, format: str = "torchvision") -> Path:
+    """Write the trunk of a run, a checkpoint or an export into ``out_dir``.
+
+    ``format="torchvision"``: ``model.safetensors`` (torchvision keys, no ``fc``) and ``config.json``.
+    ``"timm"``: the same files, ``config.json`` also carrying timm's ``architecture`` and ``pretrained_cfg``.
+    ``"detectron2"``: ``model.pkl``, Detectron2's ResNet key names as pickled numpy arrays.
+    """
+    from pirl.interop import EXPORT_FORMATS
     from pirl.models.trunk import build_trunk, feature_dim
 
+    if format not in EXPORT_FORMATS:
+        raise PirlError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    source = Path(run_or_checkpoint)
+    if (source / "model.safetensors").is_file() and (source / "config.json").is_file():  # re-export an export
+        trunk, meta = load_export(source)
+        return _write_export(trunk.state_dict(), meta, Path(out_dir), format)
     _, ckpt = open_checkpoint(run_or_checkpoint)
     cfg = ckpt["config"]
     weights = {k: v.contiguous() for k, v in trunk_state_dict(ckpt).items()}
@@ -183,9 +195,6 @@ def export(run_or_checkpoint: str | Path, out_dir: str | Path) -> Path:
     if missing or unexpected:
         raise PirlError(f"checkpoint trunk does not match {cfg['model']['arch']}: "
                         f"{len(missing)} missing, {len(unexpected)} unexpected keys")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "model.safetensors", lambda fh: fh.write(_safetensors_bytes(weights)))
     meta = {
         "format": "pirl-export-1",
         "arch": cfg["model"]["arch"],
@@ -198,11 +207,24 @@ def export(run_or_checkpoint: str | Path, out_dir: str | Path) -> Path:
         "epoch": ckpt["epoch"],
         "training_config": cfg,
     }
-    atomic_write(out / "config.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+    return _write_export(weights, meta, Path(out_dir), format)
+
+
+def _write_export(weights: dict[str, torch.Tensor], meta: dict[str, Any], out: Path, format: str) -> Path:
+    from pirl.interop import timm_config, write_detectron2
+
+    if format == "detectron2":
+        write_detectron2(weights, out / "model.pkl", meta["arch"], meta["stem"])
+        return out
+    extra = timm_config(meta) if format == "timm" else {}  # refuses a CIFAR stem before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.contiguous() for k, v in weights.items()}
+    atomic_write(out / "model.safetensors", lambda fh: fh.write(safetensors_bytes(weights)))
+    atomic_write(out / "config.json", lambda fh: fh.write(json.dumps({**meta, **extra}, indent=2).encode()))
     return out
 
 
-def _safetensors_bytes(weights: dict[str, torch.Tensor]) -> bytes:
+def safetensors_bytes(weights: dict[str, torch.Tensor]) -> bytes:
     from safetensors.torch import save
 
     return save(weights, metadata={"format": "pt"})

@@ -61,8 +61,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pirl.checkpoint import export
 
-    out = export(args.run, args.out)
-    print(f"exported trunk to {out / 'model.safetensors'} and {out / 'config.json'}")
+    out = export(args.run, args.out, format=args.format)
+    files = ["model.pkl"] if args.format == "detectron2" else ["model.safetensors", "config.json"]
+    print(f"exported trunk ({args.format}) to {' and '.join(str(out / f) for f in files)}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from pirl.interop import import_vissl
+
+    out = import_vissl(args.checkpoint, args.out, arch=args.arch)
+    print(f"imported {args.checkpoint} to {out / 'model.safetensors'} and {out / 'config.json'}")
     return 0
 
 
@@ -157,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "summary (accuracies as fractions); --out also writes the full JSON (and PNGs).")
     v.add_argument("kind", choices=["knn", "linear", "lowshot", "finetune", "invariance", "retrieval"])
     v.add_argument("--model", required=True, action="append",
-                   help="export directory, run directory or checkpoint (invariance: repeat to compare models)")
+                   help="export directory, run directory, checkpoint or torchvision:<weights enum> (invariance: repeat to compare models)")
     v.add_argument("--data", required=True, help="labelled training images (folder, archive or dataset name)")
     v.add_argument("--val-data", help="labelled test images (default: the test/val split of --data)")
     v.add_argument("--out", help="directory for the result JSON (and the invariance / retrieval PNG)")
@@ -196,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None, help="run directory (default: a temporary one)")
     d.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's own)")
     d.set_defaults(func=cmd_demo)
+
+    # Weights in and out of other ecosystems.
+    e.add_argument("--format", default="torchvision", choices=["torchvision", "detectron2", "timm"],
+                   help="torchvision (default): safetensors + config.json; timm: the same with timm's "
+                        "pretrained_cfg; detectron2: model.pkl for a Detectron2 R-50/R-18 backbone")
+    i = sub.add_parser("import", help="convert another library's checkpoint into a pirl export",
+                       description="Convert a VISSL PIRL or NPID checkpoint (its trunk) into a pirl export, which "
+                                   "every 'pirl eval' command then accepts as --model.")
+    i.add_argument("source", choices=["vissl"])
+    i.add_argument("checkpoint", metavar="CHECKPOINT")
+    i.add_argument("--out", required=True, help="export directory")
+    i.add_argument("--arch", default="resnet50", help="the trunk's architecture (default: resnet50)")
+    i.set_defaults(func=cmd_import)
     return parser
 
 

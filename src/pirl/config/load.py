@@ -103,7 +103,7 @@ def _choice(key: str, value: Any, choices: Iterable[str]) -> None:
 def validate(cfg: Config) -> None:
     """Raise :class:`PirlError` naming the first impossible value."""
     from pirl.bank import BANK_DTYPES, BANK_KINDS
-    from pirl.models.trunk import ARCHS, STEMS
+    from pirl.models.trunk import ARCHS, STEMS, is_timm_arch
 
     d, m, lo, o, t = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.train
     for section in dataclasses.fields(cfg):
@@ -136,9 +136,16 @@ def validate(cfg: Config) -> None:
            f"must fit in a jigsaw cell of data.jigsaw_crop // data.grid = {cell} pixels")
     _choice("data.augment", d.augment, ("vissl", "simclr_blur", "light", "none"))
     _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1]")
-    _choice("model.arch", m.arch, ARCHS)
+    if not is_timm_arch(m.arch):
+        _check(m.arch in ARCHS, "model.arch", m.arch, f"must be one of {', '.join(ARCHS)} or timm:<model name>")
+    else:
+        _check(m.stem == "imagenet", "model.stem", m.stem, "must be imagenet for a timm trunk")
     _choice("model.stem", m.stem, STEMS)
     _choice("model.head", m.head, ("linear", "mlp"))
+    from pirl.interop import check_init
+
+    init_problem = check_init(m.init)
+    _check(init_problem is None, "model.init", m.init, init_problem or "")
     _choice("loss.method", lo.method, ("pirl", "npid", "jigsaw", "rotation", "supervised"))
     if lo.method == "jigsaw":
         most = min(math.factorial(min(d.grid ** 2, 10)), 100_000)  # 10! already exceeds the cap

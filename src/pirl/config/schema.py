@@ -40,12 +40,15 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"
+    arch: str = "resnet50"  # a torchvision ResNet (models/trunk.py ARCHS) or timm:<model name> (needs timm)
     stem: str = "imagenet"  # "cifar": 3x3 stride-1 conv1 without max-pool, for 32-pixel inputs
     head: str = "linear"  # "linear" (paper) or "mlp" (VISSL's SimCLR-style heads)
     head_bn: bool = False  # end f and g with BatchNorm1d (no affine): centred embeddings, see models/heads.py
     embed_dim: int = 128
     mlp_hidden: int = 2048
+    # Starting weights of the trunk: "" (random), torchvision:<weights enum> (torchvision:ResNet50_Weights.IMAGENET1K_V2),
+    # timm:<model name> (needs timm) or the path of a pirl export, run directory or checkpoint. Heads start random.
+    init: str = ""
 
 
 @dataclass

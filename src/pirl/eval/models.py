@@ -36,13 +36,23 @@ def _file_digest(path: Path) -> str:
 
 
 def load_model(spec: str | Path, *, random_init: bool = False, seed: int = 0) -> LoadedModel:
-    """The trunk of an export directory, a run directory (latest checkpoint) or a checkpoint file.
+    """The trunk of an export directory, a run directory (latest checkpoint), a checkpoint file or
+    ``torchvision:<weights enum>`` (e.g. ``torchvision:ResNet50_Weights.IMAGENET1K_V2``).
 
     With ``random_init`` the same architecture is returned freshly initialised from ``seed``: the baseline
     that every evaluation compares against.
     """
     path = Path(spec)
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+    if str(spec).startswith("torchvision:"):  # a reference point: torchvision's supervised ImageNet weights
+        from pirl.interop import IMAGENET_MEAN, IMAGENET_STD, torchvision_state_dict, torchvision_weights
+
+        arch, weights = torchvision_state_dict(str(spec))
+        trunk = build_trunk(arch, "imagenet")
+        trunk.load_state_dict(weights)
+        stem, size, mean, std = "imagenet", 224, IMAGENET_MEAN, IMAGENET_STD
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / torchvision_weights(str(spec))[1].url.rsplit("/", 1)[-1]
+        identity = _file_digest(cached) if cached.is_file() else str(spec)
+    elif (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         trunk, meta = load_export(path)
         arch, stem, size, mean, std = meta["arch"], meta["stem"], meta["input_size"], meta["mean"], meta["std"]
         identity = _file_digest(path / "model.safetensors")

@@ -111,6 +111,10 @@ class BaseMethod(nn.Module):
         self.cfg = cfg
         self.num_samples = num_samples
         trunk = build_trunk(cfg.model.arch, cfg.model.stem)
+        if cfg.model.init:
+            from pirl.interop import load_initial_weights
+
+            load_initial_weights(trunk, cfg.model.init)
         self.encoder = Encoder(trunk, self.build_heads(feature_dim(trunk)))
         self.bank: MemoryBank | None = None  # an instance attribute, so that code can ask ``method.bank is None``
         # set by the trainer under torch.distributed: this rank's rows of the global batch

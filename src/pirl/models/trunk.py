@@ -1,4 +1,5 @@
-"""ResNet trunks from torchvision, with an optional small-image stem and per-stage features.
+"""ResNet trunks from torchvision, with an optional small-image stem and per-stage features; other backbones
+from timm (``arch="timm:<model name>"``, pooled features only).
 
 The trunk *is* the torchvision model with ``fc`` replaced by ``nn.Identity``: its ``state_dict`` keys are the
 bare torchvision keys (minus ``fc``), so exported weights load into ``torchvision.models.<arch>()`` directly.
@@ -15,6 +16,25 @@ from pirl.errors import PirlError
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2")
 STEMS = ("imagenet", "cifar")
 STAGES = ("conv1", "res2", "res3", "res4", "res5")
+TIMM_PREFIX = "timm:"
+
+
+def is_timm_arch(arch: str) -> bool:
+    return arch.startswith(TIMM_PREFIX) and len(arch) > len(TIMM_PREFIX)
+
+
+def _timm_trunk(name: str) -> nn.Module:
+    """A timm backbone without classifier: forward gives the pooled (N, num_features) features the heads take."""
+    try:
+        import timm
+    except ImportError:
+        raise PirlError(f"model.arch={TIMM_PREFIX}{name} needs timm: pip install 'pirl[timm]'") from None
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+    except Exception as err:  # unknown model name and the like
+        raise PirlError(f"cannot build timm model {name!r} ({str(err).splitlines()[0][:200]})") from None
+    model.pirl_timm = True  # a plain attribute: not in the state dict
+    return model
 
 
 def build_trunk(arch: str = "resnet50", stem: str = "imagenet") -> nn.Module:
@@ -22,7 +42,13 @@ def build_trunk(arch: str = "resnet50", stem: str = "imagenet") -> nn.Module:
 
     ``stem="cifar"`` replaces conv1 by a 3x3 stride-1 conv (padding 1, no bias) and removes the max-pool,
     the usual stem for 32-pixel inputs.
+    ``arch="timm:<name>"`` builds that timm model with ``num_classes=0`` (timm's own key names); only the
+    ImageNet stem and pooled features apply to it.
     """
+    if is_timm_arch(arch):
+        if stem != "imagenet":
+            raise PirlError(f"model.stem={stem} is for torchvision ResNets; timm trunks keep their own stem")
+        return _timm_trunk(arch[len(TIMM_PREFIX):])
     if arch not in ARCHS:
         raise PirlError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if stem not in STEMS:
@@ -37,13 +63,22 @@ def build_trunk(arch: str = "resnet50", stem: str = "imagenet") -> nn.Module:
 
 
 def feature_dim(trunk: nn.Module) -> int:
-    """Width of the pooled res5 feature (512 for ResNet-18/34, 2048 for the bottleneck ResNets)."""
+    """Width of the pooled res5 feature (512 for ResNet-18/34, 2048 for the bottleneck ResNets; timm's
+    ``num_features`` for a timm trunk)."""
+    if getattr(trunk, "pirl_timm", False):
+        # the pooled width: after a pre-logits layer (MobileNetV3's conv_head) it is head_hidden_size
+        return int(getattr(trunk, "head_hidden_size", None) or trunk.num_features)
     last_block = trunk.layer4[-1]
     return getattr(last_block, "bn3", getattr(last_block, "bn2", None)).num_features
 
 
 def stage_features(trunk: nn.Module, x: torch.Tensor, stages: tuple[str, ...] = STAGES) -> dict[str, torch.Tensor]:
     """Feature maps (N, C, H, W) after conv1 (post ReLU/max-pool), res2, res3, res4 and res5, plus ``pool``."""
+    if getattr(trunk, "pirl_timm", False):
+        if set(stages) - {"pool"}:
+            raise PirlError("per-layer features (conv1 ... res5) need a torchvision ResNet trunk; "
+                            "a timm trunk gives pooled features only (--stage pool)")
+        return {"pool": trunk(x)}
     out: dict[str, torch.Tensor] = {}
     x = trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(x))))
     out["conv1"] = x
