@@ -89,7 +89,7 @@ def _error_lines(text: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_signal_saves_a_mid_epoch_checkpoint_and_resume_finishes(tmp_path, capsys, sig, code):
     data, run = _pngs(tmp_path / "images", 96), tmp_path / "run"  # 12 steps per epoch
     proc = _popen([sys.executable, "-m", "pirl", "train", "--data", data, "--out", run, *FAST], tmp_path / "log")

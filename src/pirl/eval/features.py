@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from pirl.cache import used
 from pirl.errors import PirlError
 from pirl.models.trunk import STAGES, stage_features
 
@@ -144,6 +145,7 @@ def extract_features_cached(
     if path.is_file():
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
+            used(entry)
             return blob["features"], blob["labels"]
         except Exception:  # noqa: BLE001 - a truncated/corrupt cache entry is just recomputed
             pass
@@ -153,4 +155,5 @@ def extract_features_cached(
     tmp = entry / f"features.pt.tmp{os.getpid()}"
     torch.save({"features": feats, "labels": labels}, tmp)
     os.replace(tmp, path)  # atomic: a concurrent reader never sees a half-written file
+    used(entry)
     return feats, labels
