@@ -390,7 +390,8 @@ def _train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: boo
     amp_dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and cfg.train.amp and amp_dtype == torch.float16)
 
-    log = RunLog(run_dir, dinfo.is_main, global_step if ckpt_path else None)
+    # resumed without a checkpoint (killed before its first): the steps it logged are redone, so they go too
+    log = RunLog(run_dir, dinfo.is_main, global_step if ckpt_path else (0 if resume else None))
     if ckpt_path is not None:  # allowed changes (epochs, logging, workers, ...) are kept in the record
         log.record("resume", global_step, {"checkpoint": str(ckpt_path), "changes": resumed_changes})
     steps_per_epoch = sampler.steps_per_epoch
