@@ -133,7 +133,8 @@ def test_a_second_process_on_the_same_folder_stops_at_once(tmp_path, capsys):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
                                "from pirl.run_dir import RunLock; RunLock(Path(sys.argv[1])).acquire(); "
                                "print('held', flush=True); time.sleep(60)", str(run)],
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                              stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:
         run.mkdir()
         assert holder.stdout.readline().strip() == "held"
