@@ -25,7 +25,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "tensorboard", "bad_images.txt")
 
 #: Config keys that may differ on resume: they change neither the model nor the data it is trained on.
 RESUMABLE_KEYS = frozenset({
-    "optim.epochs", "data.workers", "data.max_bad_fraction", "data.batched_views",
+    "optim.epochs", "loss.bank", "data.workers", "data.max_bad_fraction", "data.batched_views",
     "train.device", "train.amp", "train.channels_last", "train.compile", "train.threads", "train.log_every",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.nonfinite", "train.dist_timeout_s",
     "train.knn_every", "train.knn_max_images",
