@@ -89,7 +89,7 @@ def _error_lines(text: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_signal_saves_a_mid_epoch_checkpoint_and_resume_finishes(tmp_path, capsys, sig, code):
     data, run = _pngs(tmp_path / "images", 96), tmp_path / "run"  # 12 steps per epoch
     proc = _popen([sys.executable, "-m", "pirl", "train", "--data", data, "--out", run, *FAST], tmp_path / "log")
@@ -394,7 +394,8 @@ def test_torchrun_two_processes_stop_together_and_survive_a_lost_peer(tmp_path):
     proc = _popen([*launch, *FAST, "optim.epochs=3"], tmp_path / "log1", env)
     _wait(proc, lambda: any(_epoch_step(p) == (1, 0) for p in list_checkpoints(run)), "the first epoch")
     os.kill(_worker(proc, 1), signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, (tmp_path / "log1").read_text()[-3000:]
+    # each worker saved, then exited 143 (stopped before the last epoch): torchrun reports a failure
+    assert proc.wait(timeout=120) != 0, (tmp_path / "log1").read_text()[-3000:]
     stop = list_checkpoints(run)[-1]
     assert _epoch_step(stop)[0] == 1 and 0 < _epoch_step(stop)[1] < 12
     assert "stopped by SIGTERM" in (tmp_path / "log1").read_text()

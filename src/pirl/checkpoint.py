@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import io
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pirl.errors import PirlError
+from pirl.errors import PirlError, WriteError
 
 CHECKPOINT_FORMAT = "pirl-checkpoint-1"
 _NAME = re.compile(r"checkpoint-e(\d+)-s(\d+)\.pt$")
@@ -57,11 +59,28 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], epoch: int, step: int,
     """
     run_dir = Path(run_dir)
     path = run_dir / checkpoint_name(epoch, step)
-    atomic_write(path, lambda fh: torch.save({"format": CHECKPOINT_FORMAT, **state}, fh))
+    buffer = io.BytesIO()  # serialised first: the size needed is known, and a failed write leaves only a temp file
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
+    blob = buffer.getbuffer()
+    try:
+        atomic_write(path, lambda fh: fh.write(blob))
+    except OSError as err:
+        raise WriteError(_write_failure(path, len(blob), err)) from None
     others = [p for p in list_checkpoints(run_dir) if p != path]
     for old in others[:max(0, len(others) - (keep - 1))]:
         old.unlink(missing_ok=True)
     return path
+
+
+def _write_failure(path: Path, needed: int, err: OSError) -> str:
+    try:
+        free = f", {shutil.disk_usage(path.parent).free / 1e6:.1f} MB free"
+    except OSError:
+        free = ""
+    previous = [p for p in list_checkpoints(path.parent) if p != path]
+    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint"
+    return (f"cannot write checkpoint {path}: {err.strerror or err} (it needs {needed / 1e6:.1f} MB{free}); "
+            f"{kept}; free space and run again with --resume")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

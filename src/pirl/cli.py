@@ -47,14 +47,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pirl.train import train
 
     summary = train(cfg, args.data, args.out, resume=args.resume, data_root=args.data_root, download=args.download,
-                    val_data=args.val_data)
+                    val_data=args.val_data, overwrite=args.overwrite)
     print(json.dumps(summary))
     if summary.get("stopped"):
         if summary.get("checkpoint"):  # the main process; the others have nothing to add
             print(f"stopped by {summary['stopped']}: checkpoint saved to {summary['checkpoint']}; run the same "
                   "command with --resume to continue", file=sys.stderr)
-        # SIGTERM is the polite way to end a job (schedulers, docker stop); Ctrl-C keeps the shell's convention.
-        return 130 if summary["stopped"] == "SIGINT" else 0
+        if not summary.get("complete", True):
+            # 128 + signal number, the shell's convention: `pirl train ... && pirl export ...` stops here, and
+            # a scheduler can requeue on 143.
+            return 130 if summary["stopped"] == "SIGINT" else 143
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from pirl.cache import cache_info, clear_cache
+
+    if args.action == "clear":
+        freed = clear_cache()
+        print(f"removed {freed['entries']} cache entr{'y' if freed['entries'] == 1 else 'ies'}, "
+              f"{freed['bytes'] / 1e6:.1f} MB, from {freed['root']}")
+    else:
+        print(json.dumps(cache_info()))
     return 0
 
 
@@ -150,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, help="global batch size; shortcut for optim.batch_size")
     t.add_argument("--seed", type=int, help="shortcut for train.seed")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t.add_argument("--overwrite", action="store_true",
+                   help="--out holds an earlier run: move its files into --out/previous-<timestamp>/ first")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.add_argument("--data-root", help="where torchvision datasets live (for --data cifar10 etc.)")
     t.add_argument("--download", action="store_true", help="download a torchvision dataset if missing")
@@ -200,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="report.html", help="HTML file to write (default: report.html)")
     r.add_argument("--title", help="page title (default: the run names)")
     r.set_defaults(func=cmd_report)
+
+    c = sub.add_parser("cache", help="size of the caches (extracted archives, features), or clear them",
+                       description="Caches live in $PIRL_CACHE_DIR or ~/.cache/pirl; PIRL_CACHE_MAX_GB bounds "
+                                   "them (least recently used first). Downloaded datasets/ are not touched.")
+    c.add_argument("action", choices=["info", "clear"])
+    c.set_defaults(func=cmd_cache)
 
     d = sub.add_parser("demo", help="offline demo on scikit-learn's digits: kNN accuracy before vs after PIRL")
     d.add_argument("--out", default=None, help="run directory (default: a temporary one)")
@@ -264,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         from pirl.safe_io import printable  # a file name that is not UTF-8 must not cost the one line
 
         print(f"error: {printable(_message(err))}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_status", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -66,7 +66,7 @@ def run_demo(out: str | None = None, epochs: int | None = None) -> dict[str, dic
     torch.manual_seed(cfg.train.seed)
     before = _scores(build_trunk(cfg.model.arch, cfg.model.stem), train_src, test_src, cfg)
     start = time.perf_counter()
-    summary = train(cfg, train_src, run_dir)
+    summary = train(cfg, train_src, run_dir, overwrite=True)  # an earlier demo in --out goes to previous-*/
     if summary["stopped"]:  # Ctrl-C or SIGTERM: the checkpoint is saved, skip the evaluation
         print(f"stopped by {summary['stopped']}; checkpoint in {run_dir}")
         return {"random_init": before}

@@ -6,3 +6,9 @@ class PirlError(Exception):
 
     The CLI prints ``error: <message>`` and exits with status 2, without a traceback.
     """
+
+
+class WriteError(PirlError):
+    """Writing a result failed (disk full, I/O error); the earlier files are intact. The CLI exits with status 1."""
+
+    exit_status = 1

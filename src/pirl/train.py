@@ -34,6 +34,7 @@ from pirl.eval.features import eval_transform
 from pirl.eval.monitor import plan_monitor, start_monitor
 from pirl.methods import build_method
 from pirl.safe_io import atomic_write_text, open_append, printable
+from pirl.run_dir import RunLock, check_reuse, resume_changes
 from pirl.sync_bn import convert_sync_batchnorm
 
 
@@ -286,15 +287,33 @@ def _drop_records_after(path: Path, global_step: int) -> None:
 
 
 def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool = False, data_root: str | None = None,
-          download: bool = False, progress: bool = True, val_data: str | ImageSource | None = None) -> dict[str, Any]:
+          download: bool = False, progress: bool = True, val_data: str | ImageSource | None = None,
+          overwrite: bool = False) -> dict[str, Any]:
     """Pretrain on ``data`` (a folder, an archive, a torchvision dataset name or an
     :class:`~pirl.data.sources.ImageSource`) into the run directory ``out``.
 
     ``val_data``: labelled images for the online kNN monitor (see :mod:`pirl.eval.monitor`).
 
     Returns a summary: epochs done, last loss, checkpoint path. With ``resume``, continues from the latest
-    checkpoint in ``out`` (the checkpoint's state replaces the freshly initialised one).
+    checkpoint in ``out`` (the checkpoint's state replaces the freshly initialised one); a config that differs
+    from the checkpoint's in a key that changes the model or the data is refused (:mod:`pirl.run_dir`).
+    Without ``resume``, a directory that holds another run is refused unless ``overwrite`` moves its files into
+    ``out/previous-<timestamp>/``. The main process holds ``out/.lock`` while it runs.
+
+    ``summary["complete"]`` is False when a signal stopped the run before its last epoch ended.
     """
+    locks: list[RunLock] = []
+    try:
+        return _train(cfg, data, out, resume=resume, data_root=data_root, download=download, progress=progress,
+                      val_data=val_data, overwrite=overwrite, locks=locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool, data_root: str | None,
+           download: bool, progress: bool, val_data: str | ImageSource | None, overwrite: bool,
+           locks: list[RunLock]) -> dict[str, Any]:
     dinfo = setup_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     device = resolve_device(cfg.train.device, dinfo.local_rank)
     if cfg.train.threads:
@@ -307,6 +326,10 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
                             download=download)
     if dinfo.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        locks.append(RunLock(run_dir).acquire())  # a second process on this folder stops here
+        aside = check_reuse(run_dir, resume=resume, overwrite=overwrite)
+        if aside is not None:
+            print(f"--overwrite: the earlier run's files moved to {aside}", flush=True)
     if dinfo.world > 1 and device.type == "cuda":  # the other processes look for checkpoints in the run directory
         dist.barrier(device_ids=[device.index])
     elif dinfo.world > 1:
@@ -332,6 +355,7 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
 
     start_epoch, start_step, global_step, bad_seen = 0, 0, 0, set()
     ckpt_path: Path | None = None
+    resumed_changes: dict[str, list[Any]] = {}
     if resume:
         # Into CPU memory: load_state_dict copies to the device, and a sharded bank keeps only its rows of the full one.
         found = load_latest(run_dir, map_location="cpu")
@@ -339,9 +363,12 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
             warnings.warn(f"--resume: no checkpoint in {run_dir}; starting from scratch", stacklevel=2)
         else:
             path, state = found
-            missing = [k for k in ("method", "optimizer", "epoch", "step", "global_step", "rng") if k not in state]
+            missing = [k for k in ("config", "method", "optimizer", "epoch", "step", "global_step", "rng")
+                       if k not in state]
             if missing or not isinstance(state["rng"], dict) or "torch" not in state["rng"]:
                 raise PirlError(f"{path}: cannot resume from it, it lacks {', '.join(missing) or 'rng.torch'}")
+            resumed_changes = resume_changes(state["config"], config_to_dict(cfg), state.get("num_samples"),
+                                             num_samples)
             method.load_state_dict(state["method"])
             optimizer.load_state_dict(state["optimizer"])
             start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
@@ -368,7 +395,10 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
     amp_dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and cfg.train.amp and amp_dtype == torch.float16)
 
-    log = RunLog(run_dir, dinfo.is_main, global_step if ckpt_path else None)
+    # resumed without a checkpoint (killed before its first): the steps it logged are redone, so they go too
+    log = RunLog(run_dir, dinfo.is_main, global_step if ckpt_path else (0 if resume else None))
+    if ckpt_path is not None:  # allowed changes (epochs, logging, workers, ...) are kept in the record
+        log.record("resume", global_step, {"checkpoint": str(ckpt_path), "changes": resumed_changes})
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = cfg.optim.epochs * steps_per_epoch
     last_loss = float("nan")
@@ -388,6 +418,7 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
         return save_checkpoint(run_dir, state, epoch, step, cfg.train.keep_checkpoints)
 
     stop, stopped, bad_names, bar = StopRequest(), None, [], None
+    epochs_done = start_epoch
     if cfg.loss.bank_init == "features" and ckpt_path is None and getattr(method, "bank", None) is not None:
         _init_bank_from_features(method, source, indices, num_samples, cfg, sampler.local_batch, dinfo, device)
     if monitor is not None and ckpt_path is None:
@@ -477,6 +508,7 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
                 break
             start_step = 0
             ckpt_path = checkpoint(epoch + 1, 0) or ckpt_path
+            epochs_done = epoch + 1
             epoch_mean = _mean_over_ranks(dinfo.world, {"loss": epoch_loss / max(epoch_steps, 1)}, device)["loss"]
             log.record("epoch", global_step, {"epoch": epoch + 1, "loss": epoch_mean,
                                               "bad_images": len(bad_seen)})
@@ -496,7 +528,8 @@ def train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: bool
         print(f"skipped {len(bad_names)} undecodable image(s), e.g. {printable(bad_names[0])}; all listed in "
               f"{run_dir / 'bad_images.txt'}", flush=True)
     return {"epochs": cfg.optim.epochs, "loss": last_loss, "checkpoint": str(ckpt_path) if ckpt_path else None,
-            "run_dir": str(run_dir), "num_samples": num_samples, "bad_images": len(bad_seen), "stopped": stopped}
+            "run_dir": str(run_dir), "num_samples": num_samples, "bad_images": len(bad_seen), "stopped": stopped,
+            "complete": epochs_done >= cfg.optim.epochs}
 
 
 def _check_bad_fraction(cfg: Config, bad: set[int], num_samples: int, run_dir: Path) -> None:

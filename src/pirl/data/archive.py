@@ -8,12 +8,12 @@ import os
 import shutil
 import stat
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
+from pirl.cache import make_temp_dir, used
 from pirl.errors import PirlError
 
 __all__ = ["ARCHIVE_SUFFIXES", "ArchiveLimits", "default_cache_dir", "is_archive_path", "archive_stem", "extract_archive"]
@@ -291,10 +291,10 @@ def extract_archive(archive_path: str | os.PathLike, cache_dir: str | os.PathLik
     cache = Path(os.path.expanduser(os.fspath(cache_dir))) if cache_dir is not None else default_cache_dir()
     final = cache / f"{archive_stem(archive)}-{_cache_key(archive)}"
     if (final / MARKER).is_file():
-        return final
+        return used(final)
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=cache))
+        tmp = make_temp_dir(cache, final.name)
     except OSError as exc:
         raise PirlError(f"cannot create cache folder {cache}: {exc.strerror or exc} (set PIRL_CACHE_DIR)") from None
     try:
@@ -319,4 +319,4 @@ def extract_archive(archive_path: str | os.PathLike, cache_dir: str | os.PathLik
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return used(final)

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from pirl.cache import used
 from pirl.errors import PirlError
 from pirl.safe_io import atomic_write_text, atomic_write_with
 from pirl.models.trunk import STAGES, stage_features
@@ -230,6 +231,7 @@ def extract_features_cached(
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
             if _cached_ok(blob, key, dataset, labels_now):
+                used(entry)
                 return blob["features"], blob["labels"]
         except Exception:  # noqa: BLE001 - a truncated/corrupt cache entry is just recomputed
             pass
@@ -240,4 +242,5 @@ def extract_features_cached(
     atomic_write_text(entry / "key.json", json.dumps(parts, sort_keys=True, indent=1, default=str) + "\n")
     # atomic: a concurrent reader never sees a half-written file, and a planted link is replaced
     atomic_write_with(path, lambda fh: torch.save({"key": key, "features": feats, "labels": labels}, fh))
+    used(entry)
     return feats, labels
