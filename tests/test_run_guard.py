@@ -211,6 +211,8 @@ class _FailingFile(io.RawIOBase):
 
 
 def _fail_writes_after(monkeypatch, good_writes: int) -> None:
+    """Checkpoint files after the first ``good_writes`` fail mid-file; every other file (images, logs) is left
+    alone: only the checkpoint module sees the failing ``os.fdopen``."""
     real_fdopen, calls = os.fdopen, [0]
 
     def fdopen(fd, *args, **kwargs):
@@ -218,7 +220,11 @@ def _fail_writes_after(monkeypatch, good_writes: int) -> None:
         real = real_fdopen(fd, *args, **kwargs)
         return real if calls[0] <= good_writes else _FailingFile(real, 1000)
 
-    monkeypatch.setattr(checkpoint_module.os, "fdopen", fdopen)
+    class _CheckpointOs:
+        def __getattr__(self, name):
+            return fdopen if name == "fdopen" else getattr(os, name)
+
+    monkeypatch.setattr(checkpoint_module, "os", _CheckpointOs())
 
 
 def test_a_checkpoint_write_that_fails_mid_file_keeps_the_previous_one(tmp_path, monkeypatch):

@@ -195,7 +195,11 @@ def test_training_into_a_folder_with_planted_links_writes_nothing_outside(tmp_pa
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
     (run / "config.json").symlink_to(victim)
+    # a folder holding a config.json is another run's: refused, and nothing is written through the link
     code, out, err = _cli(capsys, "train", "--data", data, "--out", run, *TINY, "optim.epochs=1")
+    assert code == 2 and "already holds a run" in err and victim.read_text() == "keep me"
+    # --overwrite moves the link aside (the link itself, not its target) and writes a real file
+    code, out, err = _cli(capsys, "train", "--data", data, "--out", run, *TINY, "optim.epochs=1", "--overwrite")
     assert code == 0, err
     assert victim.read_text() == "keep me" and not (run / "config.json").is_symlink()
     assert json.loads((run / "config.json").read_text())["num_samples"] == 16
