@@ -50,6 +50,8 @@ TESTBEDS: dict[str, dict] = {
 SCHEDULE = ["data.subset=10000", "optim.epochs=12"]
 # The monitor is off in the study: every run is measured afterwards by the same evaluation.
 COMMON = ["train.knn_every=0"]
+# Provisional: t32 left supervised training +13.0 points over random init at res5 (the criterion is +15), so the
+# main runs wait until t64 (or a longer schedule) has been measured; see docs/reproduction.md.
 CHOSEN = "t32"
 
 METHODS: dict[str, list[str]] = {
@@ -227,7 +229,7 @@ def evaluate(model: Path, eval_data: Path, out: Path, *, random_init: bool, work
         return {"knn_k20": knn["top1_k20"], "knn_k200": knn["top1"], "linear": linear["top1"],
                 "linear_best": linear["top1"], "best_stage": stage, "linear_by_stage": {stage: linear["top1"]},
                 "linear_weight_decay": linear.get("weight_decay")}
-    written = out / "linear-all.json"
+    written = out / ("linear-random-all.json" if random_init else "linear-all.json")
     full = json.loads(written.read_text()) if written.exists() else linear
     by_stage = linear.get("top1_by_stage") or full.get("top1_by_stage")
     return {"knn_k20": knn["top1_k20"], "knn_k200": knn["top1"], "linear": by_stage["pool"],
