@@ -19,7 +19,7 @@ from pirl.errors import PirlError
 # Half-decades where standardised features usually have their optimum; the grid grows a decade at a time while
 # the best value lies on its edge, so the chosen penalty is an interior point unless the growth limit is reached.
 DEFAULT_WEIGHT_DECAYS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-# How far the grid may grow past its edges: one decade per step, at most this many steps each way.
+# How far the grid may grow past its edges: one decade per step, at most this many steps in all.
 MAX_GRID_EXTENSIONS = 3
 
 
@@ -123,7 +123,7 @@ def linear_probe(
     there was nothing to select), ``weight_decay`` (chosen), ``val_top1_by_weight_decay``, ``train_top1``,
     ``max_iter``, ``num_classes`` and ``seconds``. ``max_iter`` bounds the L-BFGS iterations per fit. When the
     best held-out penalty is the largest or smallest of ``weight_decays``, the grid is extended a decade at a
-    time (at most ``MAX_GRID_EXTENSIONS`` steps each way) until it is not; ``grid_extensions`` counts the extra
+    time (at most ``MAX_GRID_EXTENSIONS`` steps in all) until it is not; ``grid_extensions`` counts the extra
     fits and ``weight_decay_at_edge`` says whether the best value is still on an edge.
     """
     t0 = time.perf_counter()
