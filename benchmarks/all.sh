@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Every speed and memory benchmark of issue 4, one after the other, on an otherwise idle machine.
+# Every speed and memory benchmark, one after the other, on an otherwise idle machine.
 # Each benchmark prints JSON lines with its own baseline measured in the same process; they are collected in
 # $OUT (default docs/results/benchmarks.jsonl), each line tagged with the benchmark that printed it.
 #
-#   bash benchmarks/all.sh ../shared/datasets/cifar10-jpeg.tar.gz [docs/results/benchmarks.jsonl]
+#   bash benchmarks/all.sh CIFAR10_JPEG.tar.gz [docs/results/benchmarks.jsonl]
 set -euo pipefail
 DATA=${1:?usage: benchmarks/all.sh CIFAR10_DATA [OUT.jsonl]}
 OUT=${2:-docs/results/benchmarks.jsonl}
@@ -18,7 +18,7 @@ run() {  # run NAME CMD...: keep the JSON lines, tagged with NAME
     "$@" 2>/dev/null | { grep '^{' || true; } | sed "s/^{/{\"bench\": \"$name\", /" | tee -a "$OUT"
 }
 
-# A full step against the trunk alone: cpu-quick, issue 4's 64 px setting (dense scoring against a 50k bank,
+# A full step against the trunk alone: cpu-quick, the 64 px reference setting (dense scoring against a 50k bank,
 # and against a 1.28M bank, where both 4,096 and 32,000 negatives are gathered rows; once more with the dense path
 # forced at 32,000 (the threshold before gathered_scores), and once with a float16 bank), and ResNet-50 at the
 # paper's sizes.

@@ -1,4 +1,4 @@
-"""The CIFAR-10 results table of issue 3: PIRL, NPID++, Jigsaw, Rotation, supervised and random init, same
+"""The CIFAR-10 results table: PIRL, NPID++, Jigsaw, Rotation, supervised and random init, same
 architecture, same CPU budget, kNN and linear probes (res5 and the best layer), plus the HTML report.
 
 Every method starts from the cpu-quick preset (ResNet-18, 32 px). A short calibration run measures each
@@ -12,7 +12,7 @@ image than NPID++ and supervised). Then, with the same commands a user would run
 where EVAL holds every ``--eval-train-every``-th CIFAR-10 training image and all 10,000 test images (symlinks).
 Writes ``--json`` (docs/results/cifar10.json) and ``--html`` (via ``pirl report``).
 
-    python benchmarks/cifar10_table.py --data ../shared/datasets/cifar10-jpeg.tar.gz --out runs/table \\
+    python benchmarks/cifar10_table.py --data CIFAR10_JPEG.tar.gz --out runs/table \\
         --budget-s 300 --json docs/results/cifar10.json --html docs/results/cifar10.html
 """
 
@@ -106,7 +106,7 @@ def main() -> None:
         if method == args.methods[0]:
             rows.append(evaluate("random", str(run_dir), evaldata, random_init=True))
     protocol = {
-        "data": "CIFAR-10 (../shared/datasets/cifar10-jpeg.tar.gz)",
+        "data": "CIFAR-10 (a JPEG ImageFolder archive)",
         "trunk": "torchvision resnet18, ImageNet stem, 32 px (the cpu-quick preset)",
         "pretraining": f"a 10,000-image training subset; epochs chosen per method for about {args.budget_s:.0f} s of "
                        "training on this machine (calibrated images/s x budget / subset)",

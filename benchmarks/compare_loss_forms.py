@@ -4,7 +4,7 @@ Each run: the cpu-quick recipe on a seeded subset of the training images; then w
 NPID protocol) of the trunk's pooled features, fitted on ``--eval-train`` training images and scored on
 ``--eval-test`` test images. Prints one JSON object per form and a final summary line.
 
-    python benchmarks/compare_loss_forms.py --data ../shared/datasets/cifar10-jpeg.tar.gz --out runs/loss-forms
+    python benchmarks/compare_loss_forms.py --data CIFAR10_JPEG.tar.gz --out runs/loss-forms
 """
 
 from __future__ import annotations

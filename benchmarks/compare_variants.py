@@ -5,7 +5,7 @@ for every ``--seeds`` seed; then weighted kNN (k=20 and 200, NPID protocol) of t
 fitted on ``--eval-train`` seeded training images and scored on ``--eval-test`` test images, as in
 compare_loss_forms.py. Prints one JSON object per run, one for random init, and a summary of means per variant.
 
-    python benchmarks/compare_variants.py --data ../shared/datasets/cifar10-jpeg.tar.gz --out runs/negatives \\
+    python benchmarks/compare_variants.py --data CIFAR10_JPEG.tar.gz --out runs/negatives \\
         --common data.subset=5000 optim.epochs=6 loss.negatives=1024 --seeds 0 1 \\
         --variants per_sample:loss.share_negatives=false shared:loss.share_negatives=true
 """

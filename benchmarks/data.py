@@ -4,7 +4,7 @@ Full pipeline: decode the file, then pirl.data.views.PirlViews (image view, jigs
 augmented patches), as a worker runs it (one torch thread). Baseline: decode + resize to a fixed size, which is
 all a worker does with ``data.batched_views`` (pirl.data.batched.DecodeResize). Settings: ``cpu-quick`` (the
 preset: 32 px image, 30 px puzzle, 9 px patches, light augmentation), ``64px`` (64 px image, 63 px puzzle, 18 px
-patches, VISSL augmentation: issue 4's reference setting) and ``paper`` (224 / 255 / 64, VISSL augmentation).
+patches, VISSL augmentation: the reference setting of the data benchmarks) and ``paper`` (224 / 255 / 64, VISSL augmentation).
 
 Images: real ones from --data (a folder, an archive, or a dataset name, opened by pirl.data.sources.open_source;
 the first --images of them), else synthetic JPEGs (--synthetic-size, smooth random content, quality 90).
@@ -18,7 +18,7 @@ per setting: ``batched_img_s``, ``per_sample_img_s_one_thread`` and their ratio 
 ``pipeline_img_s_one_thread``: decode + resize plus the batched views, i.e. what one CPU thread delivers per
 second with ``data.batched_views`` on the CPU (the views made in the training process).
 
-    python benchmarks/data.py --data ../shared/datasets/cifar10-jpeg.tar.gz --images 2000 --batched
+    python benchmarks/data.py --data CIFAR10_JPEG.tar.gz --images 2000 --batched
     python benchmarks/data.py --images 256 --synthetic-size 500x375 --batched --device cuda
 """
 
@@ -44,7 +44,7 @@ from pirl.data.views import PirlViews
 
 SETTINGS = {
     "cpu-quick": ("cpu-quick", []),
-    # issue 4's reference: 64 px images, 9 patches of 18 px, the official (VISSL) per-patch augmentation
+    # the reference setting: 64 px images, 9 patches of 18 px, the official (VISSL) per-patch augmentation
     "64px": ("cpu-quick", ["data.image_size=64", "data.jigsaw_crop=63", "data.patch_size=18", "data.augment=vissl"]),
     "paper": (None, ["data.augment=vissl"]),
 }

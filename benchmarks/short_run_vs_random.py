@@ -5,7 +5,7 @@ time, a leave-one-out 20-NN accuracy of the memory bank itself (labels of the tr
 kNN accuracy (NPID protocol, k=20 and 200) of the trunk's pooled features, fitted on every 5th training image and
 scored on every 5th test image; ``--random`` adds the same kNN for the trunk at random init.
 
-    python benchmarks/short_run_vs_random.py --data ../shared/datasets/cifar10-jpeg.tar.gz --out runs/sweep/a \\
+    python benchmarks/short_run_vs_random.py --data CIFAR10_JPEG.tar.gz --out runs/sweep/a \\
         --random data.subset=2000 optim.epochs=5 loss.temperature=0.1
 """
 

@@ -1,4 +1,4 @@
-"""Evaluators of issue 3 (per-layer linear, low-shot SVMs, fine-tuning, invariance, retrieval) on data whose
+"""The evaluators (per-layer linear, low-shot SVMs, fine-tuning, invariance, retrieval) on data whose
 answer is known, and ``pirl eval KIND`` end to end on a tiny generated ImageFolder."""
 
 from __future__ import annotations

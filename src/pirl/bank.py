@@ -1,4 +1,4 @@
-"""The memory bank: one unit vector per training image, an EMA of its image embedding f (spec §1.3-1.4).
+"""The memory bank: one unit vector per training image, an EMA of its image embedding f.
 
 Negatives are drawn uniformly with replacement (optionally excluding the positive) from a generator reseeded
 from ``(seed, step, term)``, so the draw depends on neither the process count nor where a run was resumed.

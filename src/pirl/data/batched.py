@@ -3,7 +3,7 @@
 With ``data.batched_views: true``, DataLoader workers only decode and resize (:class:`DecodeResize`) and
 :class:`BatchedViews` makes the image view and the jigsaw on the training device, GPU or CPU (on CPU about
 30x the per-sample pipeline per thread, so it costs a few percent of a step). The geometry is that of
-:mod:`pirl.data.views` (spec §1.7): a RandomResizedCrop per sample for each view, a grid x grid lattice of
+:mod:`pirl.data.views`: a RandomResizedCrop per sample for each view, a grid x grid lattice of
 ``jigsaw_crop // grid`` cells, one ``patch_size`` patch per cell at a random integer offset, a uniformly random
 order. The photometric augmentation is the same recipe per element (image or patch), written as tensor ops
 vectorised over all elements, with torchvision's formulas: ColorJitter is brightness, contrast, saturation and

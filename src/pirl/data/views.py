@@ -1,4 +1,4 @@
-"""The views PIRL learns from: the image view I, the jigsaw view I^t, the rotation view (spec §1.7-1.8, §1.10).
+"""The views PIRL learns from: the image view I, the jigsaw view I^t, the rotation view.
 
 Every view works on one PIL image and draws all its randomness from torch's global generator, which
 :class:`pirl.data.dataset.ViewDataset` seeds per sample, so augmentations are repeatable. All sizes derive

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pirl.errors import PirlError
 
 DEFAULT_SHOTS = (1, 2, 4, 8, 16, 32, 64, 96)
-# The VOC07 SVM cost grid of VISSL / Goyal'19 (spec §4).
+# The VOC07 SVM cost grid of VISSL / Goyal'19.
 DEFAULT_COSTS = (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)
 CV_FOLDS = 3  # as the Goyal'19 benchmark code
 FALLBACK_COST = 1.0  # n = 1: nothing left over to validate on

@@ -1,4 +1,4 @@
-"""Projection heads: f for the image view, g for the transformed view (spec §1.6).
+"""Projection heads: f for the image view, g for the transformed view.
 
 Linear heads are the paper's; ``mlp=True`` gives VISSL's "SimCLR improvements" heads. ``out_bn=True`` ends
 each head with a BatchNorm1d (no affine), which centres the embeddings of a batch: a random ResNet's pooled
