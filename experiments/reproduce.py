@@ -271,6 +271,44 @@ def _pool_weight_decay(result: dict) -> float | None:
     return result.get("details", {}).get("per_stage", {}).get("pool", {}).get("weight_decay")
 
 
+# Fig. 4: the runs whose invariance to the jigsaw transform is measured, on the same seeded test images.
+INVARIANCE_RUNS = ("main-pirl-s0", "main-npid-s0", "main-jigsaw-s0")
+INVARIANCE_IMAGES = 1000
+
+
+def invariance(out: Path, eval_data: Path, results: dict, workers: int, images: int = INVARIANCE_IMAGES) -> None:
+    """Distance histograms between I and I^t (paper Fig. 4), kept in ``results["invariance"]``.
+
+    ``trunk``: the pooled trunk feature of the image against that of its jigsaw-shuffled copy, for every run in
+    INVARIANCE_RUNS and random init, so all methods are compared in the same space. ``heads``: f(I) against g(I^t)
+    for the PIRL run, the space of the paper's figure (NPID++ and Jigsaw have no g head).
+    """
+    missing = [n for n in INVARIANCE_RUNS if not (out / n / "export").exists()]
+    if missing:
+        print(f"skip invariance: needs {', '.join(missing)} first", flush=True)
+        return
+    common = ["--data", str(eval_data / "train"), "--val-data", str(eval_data / "test"), "--images", str(images),
+              "--workers", str(workers)]
+    figures: dict[str, dict] = {}
+    trunk_models = [arg for n in INVARIANCE_RUNS for arg in ("--model", str(out / n / "export"))]
+    spec_to_name = {str(out / n / "export"): n for n in INVARIANCE_RUNS}
+    for space, models, extra in (("trunk", trunk_models, ["--random-init"]),
+                                 ("heads", ["--model", str(out / INVARIANCE_RUNS[0])], [])):
+        dest = out / f"invariance-{space}"
+        summary = pirl(["eval", "invariance", *models, *extra, "--space", space, "--out", str(dest), *common],
+                       dest / "invariance.log")
+        written = sorted(dest.glob("invariance*.json"))
+        full = json.loads(written[0].read_text()) if written else summary
+        per_model = full.get("details", {}).get("per_model") or {}
+        figures[space] = {}
+        for name, stats in per_model.items():
+            label = spec_to_name.get(name, "main-pirl-s0" if space == "heads" else
+                                     "random" if name.startswith("random init") else name)
+            figures[space][label] = {k: stats[k] for k in ("mean", "std", "median", "n", "histogram")}
+    results["invariance"] = {"images": images, "protocol": "pirl eval invariance (same seeded test images)",
+                             **figures}
+
+
 def load_results(path: Path) -> dict:
     if path.exists():
         return json.loads(path.read_text())
@@ -321,6 +359,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", action="store_true", help="only rewrite the HTML page from the results")
     parser.add_argument("--eval-train-every", type=int, default=5)
     parser.add_argument("--workers", type=int, default=1, help="data-loading workers for the evaluations")
+    parser.add_argument("--invariance", action="store_true",
+                        help="only measure the invariance histograms (Fig. 4) of the finished main runs")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny schedule for testing the script itself (tiny data, 1 epoch, few negatives)")
     args = parser.parse_args(argv)
@@ -351,6 +391,11 @@ def main(argv: list[str] | None = None) -> None:
              "loss.bank_init=random", "data.workers=0", "train.log_every=1"] if args.smoke else []
     results["testbed"] = testbed_record(args.smoke)
     workers = 0 if args.smoke else args.workers
+    if args.invariance:
+        invariance(out, folders["eval"], results, workers, images=64 if args.smoke else INVARIANCE_IMAGES)
+        save_results(results_path, results)
+        write_html(results, Path(args.html))
+        return
     stage = "pool" if args.smoke else "all"
     for run in selected:
         if run.name in done:

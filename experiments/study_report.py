@@ -117,6 +117,26 @@ def layer_curves(runs: list[dict]) -> str:
     return _png(fig)
 
 
+def invariance_histograms(results: dict) -> str:
+    """Fig. 4: one panel per representation space, one histogram per model."""
+    spaces = [s for s in ("trunk", "heads") if results.get("invariance", {}).get(s)]
+    if not spaces:
+        return ""
+    fig, axes = plt.subplots(1, len(spaces), figsize=(6 * len(spaces), 3.6), squeeze=False)
+    titles = {"trunk": "pooled trunk: image vs jigsaw-shuffled image", "heads": "heads: f(I) vs g(I^t)"}
+    for ax, space in zip(axes[0], spaces):
+        for name, s in results["invariance"][space].items():
+            counts, edges = s["histogram"]["counts"], s["histogram"]["bin_edges"]
+            total = max(sum(counts), 1)
+            ax.stairs([c / total for c in counts], edges, lw=1.6, label=f"{name}: {s['mean']:.3f}")
+        ax.set_xlim(0, 2)
+        ax.set_xlabel("l2 distance between unit-norm representations")
+        ax.set_ylabel("fraction of images")
+        ax.set_title(titles[space], fontsize=10)
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
     def fmt(v) -> str:
         return f"{v:.3f}" if isinstance(v, float) and v <= 1.0 else html.escape(str(v if v is not None else "-"))
@@ -152,6 +172,7 @@ def write_html(results: dict, path: Path) -> None:
         ("lambda (Fig. 6)", lambda_curve(runs)),
         ("Negatives (Fig. 8)", negatives_curve(runs)),
         ("Per-layer probes (Fig. 5 / Table 7)", layer_curves(runs)),
+        ("Invariance to the jigsaw transform (Fig. 4)", invariance_histograms(results)),
     ]
     figures = "".join(f"<h2>{html.escape(t)}</h2>{chart}" for t, chart in sections if chart)
     for fig in results.get("figures", []):

@@ -62,3 +62,26 @@ def test_reproduce_refuses_an_unknown_run_name(tmp_path):
     _tiny_cifar(tmp_path / "cifar")
     done = _reproduce(tmp_path, "main-pirl-s9")
     assert done.returncode == 2 and "unknown run name(s): main-pirl-s9" in done.stderr
+
+
+@pytest.mark.study
+def test_reproduce_invariance_keeps_histograms_of_each_model_in_the_results(tmp_path):
+    _tiny_cifar(tmp_path / "cifar")
+    early = _reproduce(tmp_path, "main-pirl-s0")
+    assert early.returncode == 0, early.stderr[-2000:]
+    cmd = [sys.executable, str(SCRIPT), "--data", str(tmp_path / "cifar"), "--out", str(tmp_path / "runs"),
+           "--results", str(tmp_path / "reproduction.json"), "--html", str(tmp_path / "reproduction.html"),
+           "--smoke", "--eval-train-every", "1", "--invariance"]
+    skipped = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert skipped.returncode == 0 and "skip invariance: needs main-npid-s0, main-jigsaw-s0 first" in skipped.stdout
+    assert _reproduce(tmp_path, "main-npid-s0", "main-jigsaw-s0").returncode == 0
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    inv = json.loads((tmp_path / "reproduction.json").read_text())["invariance"]
+    assert set(inv["trunk"]) == {"main-pirl-s0", "main-npid-s0", "main-jigsaw-s0", "random"}
+    assert set(inv["heads"]) == {"main-pirl-s0"}
+    for stats in [*inv["trunk"].values(), *inv["heads"].values()]:
+        assert stats["n"] == 20 and sum(stats["histogram"]["counts"]) == 20  # the 20 tiny test images
+        assert 0.0 <= stats["mean"] <= 2.0
+    page = (tmp_path / "reproduction.html").read_text()
+    assert "Invariance to the jigsaw transform (Fig. 4)" in page
