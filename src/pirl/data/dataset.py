@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from pirl.bank import mix_seed
+from pirl.data import keys
 
 
 class ViewDataset(Dataset):
@@ -54,9 +55,9 @@ class ViewDataset(Dataset):
             sample = self.views(img)
         labels = self.source.labels
         label = labels[self.indices[pos] if self.indices is not None else pos] if labels is not None else -1
-        sample["index"] = torch.tensor(pos)
-        sample["label"] = torch.tensor(label)
-        sample["bad"] = torch.tensor(bad + [-1] * (self.max_skip - len(bad)))
+        sample[keys.INDEX] = torch.tensor(pos)
+        sample[keys.LABEL] = torch.tensor(label)
+        sample[keys.BAD] = torch.tensor(bad + [-1] * (self.max_skip - len(bad)))
         return sample
 
 
