@@ -1,4 +1,5 @@
-"""The views PIRL learns from: the image view I, the jigsaw view I^t, the rotation view.
+"""The views PIRL learns from: the image view I, the jigsaw view I^t, the rotation view; and the un-augmented
+view that evaluation, the kNN monitor and the bank's initialisation use (:func:`eval_transform`).
 
 Every view works on one PIL image and draws all its randomness from torch's global generator, which
 :class:`pirl.data.dataset.ViewDataset` seeds per sample, so augmentations are repeatable. All sizes derive
@@ -7,7 +8,7 @@ from :class:`pirl.config.DataConfig`: ImageNet (224 / 255 / 64) and 32-pixel ima
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -164,3 +165,24 @@ class PirlViews:
                 order = self.permutations[out[keys.PERMUTATION]]
             out[keys.PATCHES], out[keys.ORDER] = self.jigsaw_view(t, order)
         return out
+
+
+def eval_transform(
+    input_size: int, mean: Sequence[float], std: Sequence[float], resize: int | None = None
+) -> v2.Compose:
+    """The un-augmented view, on PIL images: Resize(short side) -> CenterCrop -> float tensor -> Normalize.
+
+    The default resize is ``input_size * 256 // 224`` (224 -> 256) for inputs of at least 128 pixels and
+    ``input_size`` for small images (CIFAR/STL), where an upscale-then-crop would cut off content.
+    """
+    if resize is None:
+        resize = input_size * 256 // 224 if input_size >= 128 else input_size
+    return v2.Compose(
+        [
+            v2.Resize(resize, antialias=True),
+            v2.CenterCrop(input_size),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
