@@ -67,6 +67,7 @@ def frozen_batches(
     inputs: int = 1,
     amp_dtype: torch.dtype | None = None,
     pin_memory: bool = False,
+    worker_init_fn: Callable[[int], None] | None = None,
     progress: bool = False,
     desc: str = "batches",
 ) -> list[T]:
@@ -78,7 +79,8 @@ def frozen_batches(
     ``amp_dtype`` (None: off).
     Returns ``fn``'s results, one per batch.
     """
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+                        worker_init_fn=worker_init_fn)
     out: list[T] = []
     with torch.inference_mode():
         for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
