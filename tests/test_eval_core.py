@@ -232,3 +232,56 @@ def test_linear_probe_single_penalty_is_not_extended() -> None:
     xte, yte = _clusters(20, 3, 10, 1.0, seed=1)
     res = linear_probe(xtr, ytr, xte, yte, max_iter=50, weight_decays=(1e-2,))
     assert res["grid_extensions"] == 0 and res["weight_decay"] == 1e-2
+
+
+# ---------------------------------------------------------------- images at indices, the frozen-batch loop
+
+
+def test_source_images_at_indices_and_plain_images_blank_for_undecodable() -> None:
+    from pirl.data.images import BadImageError
+    from pirl.data.indexed import PlainImages, SourceImages
+    from pirl.data.views import eval_transform as home
+    from tests.conftest import random_source
+
+    assert eval_transform is home  # the view lives in pirl.data; pirl.eval.features re-exports it
+    source = random_source(8, size=6)
+    to_tensor = eval_transform(6, (0.0,) * 3, (1.0,) * 3)
+    every, some = SourceImages(source, to_tensor), SourceImages(source, to_tensor, [5, 2])
+    assert len(every) == 8 and len(some) == 2
+    image, label = some[0]
+    assert torch.equal(image, every[5][0]) and label == source.labels[5] == every[5][1]
+    assert some[1][1] == source.labels[2]
+
+    class Broken(type(source)):
+        def load(self, index: int):
+            if index == 3:
+                raise BadImageError("image 3: cannot decode")
+            return super().load(index)
+
+    broken = Broken(source.images, source.labels)
+    plain = PlainImages(broken, [3, 5], to_tensor, 6)
+    (blank, ok_blank), (fine, ok_fine) = plain[0], plain[1]
+    assert not ok_blank and torch.equal(blank, torch.zeros(3, 6, 6))
+    assert ok_fine and torch.equal(fine, every[5][0])
+    with pytest.raises(BadImageError):
+        SourceImages(broken, to_tensor, [3])[0]
+
+
+def test_frozen_batches_runs_in_order_without_gradients_and_moves_only_the_inputs() -> None:
+    from pirl.eval.features import frozen_batches
+
+    x, y = torch.arange(10.0).view(10, 1), torch.arange(10) % 3
+    seen = []
+
+    def fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        seen.append((torch.is_inference_mode_enabled(), images.device, labels.dtype))
+        return images.squeeze(1) * 2
+
+    out = frozen_batches(fn, TensorDataset(x, y), device=torch.device("cpu"), batch_size=4)
+    assert [len(o) for o in out] == [4, 4, 2] and torch.equal(torch.cat(out), torch.arange(10.0) * 2)
+    assert seen == [(True, torch.device("cpu"), torch.int64)] * 3
+    # a pair of inputs per item, as the invariance measure feeds it: the nested batch arrives as a list
+    items = [((x[i], -x[i]), int(y[i])) for i in range(10)]
+    sums = frozen_batches(lambda pair, labels: (pair[0] - pair[1]).sum().item(), items,
+                          device=torch.device("cpu"), batch_size=5)
+    assert sums == [2 * sum(range(5)), 2 * sum(range(5, 10))]

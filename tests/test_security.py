@@ -71,7 +71,7 @@ def test_knn_after_swapping_two_class_folders_gives_the_new_figure(tmp_path, cap
     train = _colour_folder(tmp_path / "train", {"red": 0, "green": 1})
     test = _colour_folder(tmp_path / "test", {"red": 0, "green": 1}, seed=1)
     model = _export(tmp_path / "export")
-    args = ["eval", "knn", "--model", model, "--data", train, "--val-data", test, "--workers", "0", "--k", "3"]
+    args = ["eval", "knn", "--model", model, "--data", train, "--val-data", test, "--workers", "0"]
     code, out, err = _cli(capsys, *args)
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["top1"] == 1.0

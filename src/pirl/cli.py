@@ -97,14 +97,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pirl.eval.commands import evaluate, summary
+    from pirl.eval import commands
+    from pirl.eval.kinds import cli_options
 
-    result = evaluate(args.kind, args.model, args.data, args.val_data, random_init=args.random_init,
-                      stage=args.stage, batch_size=args.batch_size, workers=args.workers,
-                      data_root=args.data_root, out=args.out, seed=args.seed, shots=args.shots, seeds=args.seeds,
-                      fraction=args.fraction, epochs=args.epochs, lr=args.lr, device=args.device,
-                      images=args.images, space=args.space, queries=args.queries, k=args.k)
-    print(json.dumps(summary(result)))  # the last line of output: one JSON object
+    result = commands.evaluate(args.kind, args.model, args.data, args.val_data, **cli_options(args.kind, args))
+    print(json.dumps(commands.summary(result)))  # the last line of output: one JSON object
     return 0
 
 
@@ -130,7 +127,11 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def suggestion(self, word: str) -> str:
-        """``; did you mean X?`` for the closest option or subcommand name, or nothing."""
+        """``; did you mean X?`` for the closest option or subcommand name, or nothing; for an option of another
+        ``pirl eval`` kind, which kinds take it."""
+        owners = getattr(self, "foreign_options", {}).get(word.split("=", 1)[0])
+        if owners:
+            return f"; {word.split('=', 1)[0]} is an option of pirl eval {', '.join(owners)}"
         names = [o for o in self._option_string_actions if o.startswith("--")] if word.startswith("-") else \
             [c for a in self._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
         close = difflib.get_close_matches(word.split("=", 1)[0], names, n=1, cutoff=0.6)
@@ -177,37 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="export directory")
     e.set_defaults(func=cmd_export)
 
-    v = sub.add_parser("eval", help="evaluate a trunk: knn, linear, lowshot, finetune, invariance, retrieval",
-                       description="Evaluate a trunk on labelled images. The last line of output is a one-line JSON "
-                                   "summary (accuracies as fractions); --out also writes the full JSON (and PNGs).")
-    v.add_argument("kind", choices=["knn", "linear", "lowshot", "finetune", "invariance", "retrieval"])
-    v.add_argument("--model", required=True, action="append",
-                   help="export directory, run directory, checkpoint or torchvision:<weights enum> (invariance: repeat to compare models)")
-    v.add_argument("--data", required=True, help="labelled training images (folder, archive or dataset name)")
-    v.add_argument("--val-data", help="labelled test images (default: the test/val split of --data)")
-    v.add_argument("--out", help="directory for the result JSON (and the invariance / retrieval PNG)")
-    v.add_argument("--random-init", action="store_true",
-                   help="evaluate the same architecture at random init (invariance: add it to the plot)")
-    v.add_argument("--stage", default="pool", choices=["conv1", "res2", "res3", "res4", "res5", "pool", "all"],
-                   help="feature layer; 'all' (linear only): one probe per layer, best reported")
-    v.add_argument("--batch-size", type=int, default=256, help="feature batch; finetune: the SGD batch")
-    v.add_argument("--workers", type=int, default=2)
-    v.add_argument("--data-root", help="where torchvision datasets live")
-    v.add_argument("--seed", type=int, default=0, help="seed of random init, subsets, queries and transforms")
-    v.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 96],
-                   help="lowshot: labelled training images per class")
-    v.add_argument("--seeds", type=int, default=5, help="lowshot: samples per shot count")
-    v.add_argument("--fraction", type=float, default=0.1, help="finetune: labelled fraction of the training split")
-    v.add_argument("--epochs", type=int, default=70, help="finetune: epochs (lr x0.1 at 3/7 of them)")
-    v.add_argument("--lr", type=float, default=None, help="finetune: learning rate (default 0.01 x batch / 256)")
-    v.add_argument("--device", default="auto", help="where features are extracted and probes fitted: auto (the GPU "
-                                                     "when present) | cpu | cuda | cuda:N")
-    v.add_argument("--images", type=int, default=1000, help="invariance: test images to measure")
-    v.add_argument("--space", default="auto", choices=["auto", "heads", "trunk"],
-                   help="invariance: f/g heads (runs with a g head) or pooled trunk features")
-    v.add_argument("--queries", type=int, default=8, help="retrieval: test images to query")
-    v.add_argument("--k", type=int, default=8, help="retrieval: neighbours per query")
-    v.set_defaults(func=cmd_eval)
+    from pirl.eval.kinds import add_eval_parsers  # declarations only: no torch
+
+    add_eval_parsers(sub, _Parser).set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="one offline HTML page comparing runs: config, curves, evaluations",
                        description="Collect config.json, metrics.jsonl, RUN/eval/*.json (and *.json in RUN) and "
@@ -252,9 +225,14 @@ def _message(err: PirlError) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
-    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return actions[0].choices[command]
+def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)subcommand that was run, e.g. that of ``pirl eval knn``: it reports usage errors."""
+    while actions := [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]:
+        chosen = getattr(args, actions[0].dest, None)
+        if chosen not in actions[0].choices:
+            break
+        parser = actions[0].choices[chosen]
+    return parser
 
 
 def _cuda_oom(err: BaseException) -> bool:
@@ -274,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     _one_line_warnings()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    command = _subparser(parser, args.command)
+    command = _innermost(parser, args)
     for item in extra:  # key=value after an option: argparse leaves it over, it is an override all the same
         if args.command == "train" and OVERRIDE.match(item):
             args.overrides.append(item)

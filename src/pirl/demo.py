@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from pirl.config import load_config
+from pirl.data.indexed import SourceImages
 from pirl.data.sources import ArraySource
-from pirl.eval.features import eval_transform, extract_features
+from pirl.data.views import eval_transform
+from pirl.eval.features import extract_features
 from pirl.eval.knn import knn_accuracies
 from pirl.eval.linear import linear_probe
-from pirl.eval.models import LabeledImages
 from pirl.models.trunk import build_trunk
 
 DEMO_OVERRIDES = [
@@ -46,8 +47,8 @@ def digits_sources(test_fraction: float = 0.2, seed: int = 0) -> tuple[ArraySour
 
 def _scores(trunk: torch.nn.Module, train_src: ArraySource, test_src: ArraySource, cfg) -> dict[str, float]:
     transform = eval_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std)
-    train_f, train_y = extract_features(trunk, LabeledImages(train_src, transform), device="cpu")
-    test_f, test_y = extract_features(trunk, LabeledImages(test_src, transform), device="cpu")
+    train_f, train_y = extract_features(trunk, SourceImages(train_src, transform), device="cpu")
+    test_f, test_y = extract_features(trunk, SourceImages(test_src, transform), device="cpu")
     knn = knn_accuracies(train_f, train_y, test_f, test_y, ks=(20,))[20]
     return {"knn": knn, "linear": linear_probe(train_f, train_y, test_f, test_y)["top1"]}
 

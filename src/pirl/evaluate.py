@@ -2,8 +2,9 @@
 
 ``model`` is an export, a run directory, a checkpoint or ``torchvision:<weights enum>``; ``data`` is labelled
 training images (a folder, an archive or a dataset name) and ``val_data`` the test images (default: the
-test/val split of ``data``). Further keywords are those of :func:`pirl.eval.commands.evaluate`
-(``stage``, ``batch_size``, ``workers``, ``seed``, ``random_init``, ``out``, ...).
+test/val split of ``data``). Further keywords are the options of ``pirl eval KIND`` in Python spelling
+(``stage``, ``batch_size``, ``workers``, ``seed``, ``random_init``, ``out``, ...; declared in
+:data:`pirl.eval.kinds.KINDS`); an option of another kind raises :class:`~pirl.errors.PirlError`.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pirl.config.schema import Config
+from pirl.data.augment import AUGMENTATIONS
 from pirl.errors import PirlError
 
 PRESETS = ("imagenet-r50", "cifar10-r18", "cpu-quick")
@@ -134,7 +135,7 @@ def validate(cfg: Config) -> None:
     cell = d.jigsaw_crop // d.grid
     _check(d.patch_size <= cell, "data.patch_size", d.patch_size,
            f"must fit in a jigsaw cell of data.jigsaw_crop // data.grid = {cell} pixels")
-    _choice("data.augment", d.augment, ("vissl", "simclr_blur", "light", "none"))
+    _choice("data.augment", d.augment, AUGMENTATIONS)
     _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1]")
     if not is_timm_arch(m.arch):
         _check(m.arch in ARCHS, "model.arch", m.arch, f"must be one of {', '.join(ARCHS)} or timm:<model name>")

@@ -26,6 +26,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
 
 from pirl.config.schema import DataConfig
+from pirl.data import augment, keys
 from pirl.data.views import PirlViews
 
 __all__ = ["BatchedViews", "DecodeResize", "decode_size", "photometric_batch"]
@@ -71,7 +72,7 @@ class DecodeResize:
         out[:, :nh, :nw] = t
         out[:, :nh, nw:] = t[:, :, -1:]
         out[:, nh:, :] = out[:, nh - 1:nh, :]
-        return {"image": out, "size": torch.tensor([nh, nw])}
+        return {keys.IMAGE: out, keys.SIZE: torch.tensor([nh, nw])}
 
 
 @dataclass
@@ -258,22 +259,25 @@ def _grayscale(x: torch.Tensor, draws: _Draws, n: int, p: float) -> torch.Tensor
     return torch.where(on, _gray(x).expand_as(x), x)
 
 
-def _hflip(x: torch.Tensor, draws: _Draws, n: int) -> torch.Tensor:
-    return torch.where(draws.bernoulli(0.5, n).flatten().view(-1, 1, 1, 1), x.flip(-1), x)
+def _hflip(x: torch.Tensor, draws: _Draws, n: int, p: float = 0.5) -> torch.Tensor:
+    return torch.where(draws.bernoulli(p, n).flatten().view(-1, 1, 1, 1), x.flip(-1), x)
 
 
-def _vissl_photometric(x: torch.Tensor, draws: _Draws, n: int, p: float = 0.66) -> torch.Tensor:
-    """Posterize (4-8 bits), sharpness (U[0.1, 1.9]), solarize (threshold 0-256), autocontrast; with p per element."""
+def _vissl_photometric(x: torch.Tensor, draws: _Draws, n: int, p: float = 0.66, bits: tuple[int, int] = (4, 8),
+                       sharpness: tuple[float, float] = (0.1, 1.9)) -> torch.Tensor:
+    """Posterize (``bits``, 4-8), sharpness (U[``sharpness``], [0.1, 1.9]), solarize (threshold 0-256),
+    autocontrast; with p per element."""
     u = draws.uniform(n, 4).flatten(0, 1)
     on = (u[:, 0] < p).view(-1, 1, 1, 1)
-    step = torch.pow(2.0, 8 - (4 + (u[:, 1] * 5).floor().clamp_max(4))).view(-1, 1, 1, 1)
+    levels = bits[1] - bits[0]
+    step = torch.pow(2.0, 8 - (bits[0] + (u[:, 1] * (levels + 1)).floor().clamp_max(levels))).view(-1, 1, 1, 1)
     y = torch.floor(torch.round(x * 255) / step) * step / 255
     # sharpness: blend with the 3x3 smoothing [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 of the inside (torchvision
     # keeps the one-pixel border); a box sum plus the centre, far cheaper than a depthwise convolution on CPU
     if y.shape[-1] > 2 and y.shape[-2] > 2:
         smooth = y.clone()
         smooth[..., 1:-1, 1:-1] = (9 * F.avg_pool2d(y, 3, 1) + 4 * y[..., 1:-1, 1:-1]) / 13
-        y = _blend(y, smooth, 0.1 + 1.8 * u[:, 2])
+        y = _blend(y, smooth, sharpness[0] + (sharpness[1] - sharpness[0]) * u[:, 2])
     threshold = (u[:, 3] * 257).floor().clamp_max(256).view(-1, 1, 1, 1) / 255
     y = torch.where(y >= threshold, 1 - y, y)
     low, high = y.amin((-2, -1), keepdim=True), y.amax((-2, -1), keepdim=True)
@@ -282,10 +286,13 @@ def _vissl_photometric(x: torch.Tensor, draws: _Draws, n: int, p: float = 0.66) 
     return torch.where(on, y, x)
 
 
-def _gaussian_blur(x: torch.Tensor, draws: _Draws, n: int, kernel: int, p: float = 0.5) -> torch.Tensor:
-    """Gaussian blur with sigma U[0.1, 2] per element, reflect padding (torchvision's GaussianBlur), with p."""
+def _gaussian_blur(x: torch.Tensor, draws: _Draws, n: int, kernel: int, p: float = 0.5,
+                   sigma_range: tuple[float, float] = (0.1, 2.0)) -> torch.Tensor:
+    """Gaussian blur with sigma U[``sigma_range``] (U[0.1, 2]) per element, reflect padding (torchvision's
+    GaussianBlur), with p."""
     u = draws.uniform(n, 2).flatten(0, 1)
-    on, sigma = (u[:, 0] < p).view(-1, 1, 1, 1), 0.1 + 1.9 * u[:, 1]
+    low, high = sigma_range
+    on, sigma = (u[:, 0] < p).view(-1, 1, 1, 1), low + (high - low) * u[:, 1]
     half = kernel // 2
     if x.shape[-1] <= half or x.shape[-2] <= half:
         return x
@@ -299,24 +306,27 @@ def _gaussian_blur(x: torch.Tensor, draws: _Draws, n: int, kernel: int, p: float
     return torch.where(on, y, x)
 
 
+def _apply_step(x: torch.Tensor, step: augment.Step, draws: _Draws, n: int) -> torch.Tensor:
+    if isinstance(step, augment.Jitter):
+        return _color_jitter(x, draws, n, step.strength, step.p)
+    if isinstance(step, augment.Photometric):
+        return _vissl_photometric(x, draws, n, step.p, step.bits, step.sharpness)
+    if isinstance(step, augment.Grayscale):
+        return _grayscale(x, draws, n, step.p)
+    if isinstance(step, augment.Flip):
+        return _hflip(x, draws, n, step.p)
+    if isinstance(step, augment.Blur):
+        return _gaussian_blur(x, draws, n, augment.blur_kernel(step, x.shape[-1]), step.p, step.sigma)
+    raise TypeError(f"unknown augmentation step {step!r}")
+
+
 def photometric_batch(x: torch.Tensor, kind: str, draws: _Draws, per_sample: int = 1) -> torch.Tensor:
     """``data.augment`` applied to each of the (B * per_sample, 3, H, W) elements (floats in [0, 1]) on its own,
-    with its own draws (views.photometric, element by element)."""
-    if kind == "none":
-        return x
-    n = per_sample
-    if kind == "vissl":
-        x = _color_jitter(x, draws, n, (0.4, 0.4, 0.4, 0.2), 1.0)
-        x = _vissl_photometric(x, draws, n)
-        return _hflip(_grayscale(x, draws, n, 0.2), draws, n)
-    if kind == "light":
-        x = _color_jitter(x, draws, n, (0.4, 0.4, 0.4, 0.1), 0.8)
-        return _hflip(_grayscale(x, draws, n, 0.2), draws, n)
-    if kind == "simclr_blur":
-        x = _hflip(x, draws, n)
-        x = _grayscale(_color_jitter(x, draws, n, (0.8, 0.8, 0.8, 0.2), 0.8), draws, n, 0.2)
-        return _gaussian_blur(x, draws, n, max(3, (x.shape[-1] // 10) | 1))
-    raise ValueError(f"unknown augmentation {kind!r}")
+    with its own draws: the steps of the recipe in :data:`pirl.data.augment.RECIPES`, as views.photometric
+    applies them element by element."""
+    for step in augment.recipe(kind):
+        x = _apply_step(x, step, draws, per_sample)
+    return x
 
 
 class BatchedViews:
@@ -402,16 +412,16 @@ class BatchedViews:
         else:
             height, width = sizes.to(device).unbind(1)
         draws = _Draws(generator, batch, global_batch or batch, offset, device)
-        out = {"image": self._image_view(x, height, width, draws)} if self.image else {}
+        out = {keys.IMAGE: self._image_view(x, height, width, draws)} if self.image else {}
         turn = None
         if self.pretext in ("rotation", "jigsaw_rotation"):
             turn = draws.integers(4)
-            out["rotation"] = turn
+            out[keys.ROTATION] = turn
             if self.pretext == "rotation":
-                out["rotated"] = self._image_view(x, height, width, draws, turn)
+                out[keys.ROTATED] = self._image_view(x, height, width, draws, turn)
                 return out
         if self.pretext in ("jigsaw", "jigsaw_rotation"):
-            out["patches"], out["order"], chosen = self._jigsaw(x, height, width, draws, turn)
+            out[keys.PATCHES], out[keys.ORDER], chosen = self._jigsaw(x, height, width, draws, turn)
             if chosen is not None:
-                out["permutation"] = chosen
+                out[keys.PERMUTATION] = chosen
         return out

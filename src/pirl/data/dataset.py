@@ -9,13 +9,16 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Sampler
 
 from pirl.bank import mix_seed
+from pirl.data import keys
+from pirl.data.indexed import PlainImages, SourceImages  # noqa: F401  (PlainImages: for the trainer and monitor)
 
 
-class ViewDataset(Dataset):
-    """Wrap an :class:`~pirl.data.sources.ImageSource` with a view function.
+class ViewDataset(SourceImages):
+    """Wrap an :class:`~pirl.data.sources.ImageSource` with a view function (``views``; the images at
+    ``indices``, by default all of them).
 
     Indexed by ``(epoch, index)`` keys from :class:`EpochSampler` (a plain int means epoch 0). An image that
     cannot be decoded is replaced by the next decodable one; the sample reports the skipped indices in ``bad``
@@ -25,12 +28,9 @@ class ViewDataset(Dataset):
     max_skip = 8
 
     def __init__(self, source: Any, views: Callable, seed: int = 0, indices: list[int] | None = None) -> None:
-        self.source, self.views, self.seed = source, views, seed
         # ``indices`` restricts training to a subset; bank rows are then positions in this subset.
-        self.indices = indices
-
-    def __len__(self) -> int:
-        return len(self.indices) if self.indices is not None else len(self.source)
+        super().__init__(source, views, indices)
+        self.views, self.seed = views, seed
 
     def _load(self, position: int):
         from pirl.data.images import BadImageError
@@ -39,7 +39,7 @@ class ViewDataset(Dataset):
         for attempt in range(self.max_skip + 1):
             pos = (position + attempt) % len(self)
             try:
-                img = self.source.load(self.indices[pos] if self.indices is not None else pos)
+                img = self.source.load(self.source_index(pos))
                 return pos, img, bad
             except BadImageError as err:
                 bad.append(pos)
@@ -53,10 +53,10 @@ class ViewDataset(Dataset):
             torch.manual_seed(mix_seed(self.seed, epoch, pos))
             sample = self.views(img)
         labels = self.source.labels
-        label = labels[self.indices[pos] if self.indices is not None else pos] if labels is not None else -1
-        sample["index"] = torch.tensor(pos)
-        sample["label"] = torch.tensor(label)
-        sample["bad"] = torch.tensor(bad + [-1] * (self.max_skip - len(bad)))
+        label = labels[self.source_index(pos)] if labels is not None else -1
+        sample[keys.INDEX] = torch.tensor(pos)
+        sample[keys.LABEL] = torch.tensor(label)
+        sample[keys.BAD] = torch.tensor(bad + [-1] * (self.max_skip - len(bad)))
         return sample
 
 
@@ -91,22 +91,3 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.local_batch
-
-
-class PlainImages(Dataset):
-    """(transformed image, decodable?) for chosen indices of a source, without augmentation (evaluation, bank
-    initialisation); an undecodable image gives a blank one and ``False``, for the caller to drop or keep."""
-
-    def __init__(self, source: Any, indices: list[int], transform: Any, size: int) -> None:
-        self.source, self.indices, self.transform, self.size = source, indices, transform, size
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
-        from pirl.data.images import BadImageError
-
-        try:
-            return self.transform(self.source.load(self.indices[i])), True
-        except BadImageError:  # training skips these too; a side task must not stop a run over one
-            return torch.zeros(3, self.size, self.size), False

@@ -1,4 +1,5 @@
-"""The views PIRL learns from: the image view I, the jigsaw view I^t, the rotation view.
+"""The views PIRL learns from: the image view I, the jigsaw view I^t, the rotation view; and the un-augmented
+view that evaluation, the kNN monitor and the bank's initialisation use (:func:`eval_transform`).
 
 Every view works on one PIL image and draws all its randomness from torch's global generator, which
 :class:`pirl.data.dataset.ViewDataset` seeds per sample, so augmentations are repeatable. All sizes derive
@@ -7,7 +8,7 @@ from :class:`pirl.config.DataConfig`: ImageNet (224 / 255 / 64) and 32-pixel ima
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -15,44 +16,56 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from pirl.config.schema import DataConfig
+from pirl.data import augment, keys
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 class VisslPhotometric(torch.nn.Module):
-    """With probability p: posterize (4-8 bits), sharpness (factor U[0.1, 1.9]), solarize (threshold 0-256),
-    autocontrast, in sequence (VISSL's ImgPilRandomPhotometric)."""
+    """With probability p: posterize (``bits``, 4-8 by default), sharpness (factor U[``sharpness``], by default
+    [0.1, 1.9]), solarize (threshold 0-256), autocontrast, in sequence (VISSL's ImgPilRandomPhotometric)."""
 
-    def __init__(self, p: float = 0.66) -> None:
+    def __init__(self, p: float = 0.66, bits: tuple[int, int] = (4, 8),
+                 sharpness: tuple[float, float] = (0.1, 1.9)) -> None:
         super().__init__()
-        self.p = p
+        self.p, self.bits, self.sharpness = p, bits, sharpness
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         if torch.rand(()) >= self.p:
             return img
-        img = TF.posterize(img, int(torch.randint(4, 9, ())))
-        img = TF.adjust_sharpness(img, float(torch.empty(()).uniform_(0.1, 1.9)))
+        img = TF.posterize(img, int(torch.randint(self.bits[0], self.bits[1] + 1, ())))
+        img = TF.adjust_sharpness(img, float(torch.empty(()).uniform_(*self.sharpness)))
         threshold = int(torch.randint(0, 257, ()))
         if threshold < 256:  # 256 leaves the image as it is (and torchvision refuses it for uint8)
             img = TF.solarize(img, float(threshold))
         return TF.autocontrast(img)
 
 
+def _maybe(transform: torch.nn.Module, p: float) -> torch.nn.Module:
+    return transform if p == 1.0 else v2.RandomApply([transform], p=p)
+
+
+def _step_transform(step: augment.Step, size: int) -> torch.nn.Module:
+    if isinstance(step, augment.Jitter):
+        return _maybe(v2.ColorJitter(*step.strength), step.p)
+    if isinstance(step, augment.Photometric):
+        return VisslPhotometric(step.p, step.bits, step.sharpness)
+    if isinstance(step, augment.Grayscale):
+        return v2.RandomGrayscale(step.p)
+    if isinstance(step, augment.Flip):
+        return v2.RandomHorizontalFlip(step.p)
+    if isinstance(step, augment.Blur):
+        return _maybe(v2.GaussianBlur(augment.blur_kernel(step, size), step.sigma), step.p)
+    raise TypeError(f"unknown augmentation step {step!r}")
+
+
 def photometric(kind: str, size: int) -> Transform:
-    """The per-element augmentation applied to the image and independently to each patch (uint8 CHW in/out)."""
-    if kind == "vissl":
-        return v2.Compose([v2.ColorJitter(0.4, 0.4, 0.4, 0.2), VisslPhotometric(0.66), v2.RandomGrayscale(0.2),
-                           v2.RandomHorizontalFlip(0.5)])
-    if kind == "simclr_blur":
-        kernel = max(3, (size // 10) | 1)  # odd, about 10% of the side, as SimCLR
-        return v2.Compose([v2.RandomHorizontalFlip(0.5), v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
-                           v2.RandomGrayscale(0.2), v2.RandomApply([v2.GaussianBlur(kernel, (0.1, 2.0))], p=0.5)])
-    if kind == "light":
-        return v2.Compose([v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(0.2),
-                           v2.RandomHorizontalFlip(0.5)])
-    if kind == "none":
+    """The per-element augmentation applied to the image and independently to each patch (uint8 CHW in/out):
+    the recipe ``kind`` of :data:`pirl.data.augment.RECIPES` for elements of side ``size``."""
+    steps = augment.recipe(kind)
+    if not steps:
         return v2.Identity()
-    raise ValueError(f"unknown augmentation {kind!r}")
+    return v2.Compose([_step_transform(step, size) for step in steps])
 
 
 class _View:
@@ -137,18 +150,39 @@ class PirlViews:
 
     def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
         t = self.to_tensor(img)
-        out = {"image": self.image_view(t)} if self.image else {}
+        out = {keys.IMAGE: self.image_view(t)} if self.image else {}
         if self.pretext in ("rotation", "jigsaw_rotation"):
-            out["rotation"] = torch.randint(0, 4, ())
-            turned = torch.rot90(t, int(out["rotation"]), dims=(-2, -1))
+            out[keys.ROTATION] = torch.randint(0, 4, ())
+            turned = torch.rot90(t, int(out[keys.ROTATION]), dims=(-2, -1))
             if self.pretext == "rotation":
-                out["rotated"] = self.image_view(turned)
+                out[keys.ROTATED] = self.image_view(turned)
                 return out
             t = turned
         if self.pretext in ("jigsaw", "jigsaw_rotation"):
             order = None
             if self.permutations is not None:
-                out["permutation"] = torch.randint(0, len(self.permutations), ())
-                order = self.permutations[out["permutation"]]
-            out["patches"], out["order"] = self.jigsaw_view(t, order)
+                out[keys.PERMUTATION] = torch.randint(0, len(self.permutations), ())
+                order = self.permutations[out[keys.PERMUTATION]]
+            out[keys.PATCHES], out[keys.ORDER] = self.jigsaw_view(t, order)
         return out
+
+
+def eval_transform(
+    input_size: int, mean: Sequence[float], std: Sequence[float], resize: int | None = None
+) -> v2.Compose:
+    """The un-augmented view, on PIL images: Resize(short side) -> CenterCrop -> float tensor -> Normalize.
+
+    The default resize is ``input_size * 256 // 224`` (224 -> 256) for inputs of at least 128 pixels and
+    ``input_size`` for small images (CIFAR/STL), where an upscale-then-crop would cut off content.
+    """
+    if resize is None:
+        resize = input_size * 256 // 224 if input_size >= 128 else input_size
+    return v2.Compose(
+        [
+            v2.Resize(resize, antialias=True),
+            v2.CenterCrop(input_size),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )

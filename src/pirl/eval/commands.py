@@ -10,25 +10,30 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pirl.data.archive import default_cache_dir
+from pirl.data.indexed import SourceImages
 from pirl.data.sources import open_source
+from pirl.data.views import eval_transform
 from pirl.errors import PirlError
 from pirl.safe_io import atomic_write_text
 from pirl.eval import finetune as ft
 from pirl.eval import invariance as inv
 from pirl.eval import lowshot as ls
 from pirl.eval import retrieval as rt
-from pirl.eval.features import FEATURE_STAGES, eval_transform, extract_features_cached
+from pirl.eval.features import FEATURE_STAGES, extract_features_cached
+from pirl.eval.kinds import KINDS as KIND_SPECS
+from pirl.eval.kinds import Kind
 from pirl.eval.knn import knn_accuracies
 from pirl.eval.linear import linear_probe
-from pirl.eval.models import LabeledImages, LoadedModel, load_model
+from pirl.eval.models import LoadedModel, load_model
 
-KINDS = ("knn", "linear", "lowshot", "finetune", "invariance", "retrieval")
+KINDS = tuple(KIND_SPECS)  # knn, linear, lowshot, finetune, invariance, retrieval
 
 
 def _open(data: str, split: str, data_root: str | None, *, labels: bool = True) -> Any:
@@ -40,7 +45,7 @@ def _open(data: str, split: str, data_root: str | None, *, labels: bool = True) 
 
 def _features(model: LoadedModel, source: Any, data: str, split: str, *, stage: str, batch_size: int,
               workers: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    dataset = LabeledImages(source, eval_transform(model.input_size, model.mean, model.std))
+    dataset = SourceImages(source, eval_transform(model.input_size, model.mean, model.std))
     key = {"model": model.identity, "data": str(Path(data).resolve()) if Path(data).exists() else data,
            "split": split, "n": len(source), "input_size": model.input_size, "mean": model.mean, "std": model.std}
     return extract_features_cached(model.trunk, dataset, cache_dir=default_cache_dir() / "features", key_parts=key,
@@ -53,79 +58,110 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "details"}
 
 
-def _check_options(kind: str, specs: list[str], stage: str, **opts: Any) -> None:
+def _check(kind: Kind, specs: list[str], o: dict[str, Any]) -> None:
     """Reject bad options before any model or data is loaded."""
-    if kind not in KINDS:
-        raise PirlError(f"unknown evaluation {kind!r}; choose one of {', '.join(KINDS)}")
     if not specs:
         raise PirlError("--model is required")
-    if len(specs) > 1 and kind != "invariance":
-        raise PirlError(f"only 'pirl eval invariance' compares several models; {kind} takes one --model")
-    if stage not in (*FEATURE_STAGES, "all"):
-        raise PirlError(f"unknown feature stage {stage!r}; choose one of {', '.join(FEATURE_STAGES)}, all")
-    if stage == "all" and kind != "linear":
-        raise PirlError("--stage all is for 'pirl eval linear' (per-layer probes)")
-    if kind == "finetune":
-        ft.check_fraction(opts["fraction"])
-    positive = {"batch_size": opts["batch_size"], "seeds": opts["seeds"], "epochs": opts["epochs"],
-                "images": opts["images"], "queries": opts["queries"], "k": opts["k"],
-                "shots": min(opts["shots"], default=0)}
+    if len(specs) > 1 and not kind.several_models:
+        raise PirlError(f"only 'pirl eval invariance' compares several models; {kind.name} takes one --model")
+    if "stage" in o:
+        if o["stage"] not in (*FEATURE_STAGES, "all"):
+            raise PirlError(f"unknown feature stage {o['stage']!r}; choose one of {', '.join(FEATURE_STAGES)}, all")
+        if o["stage"] == "all" and kind.name != "linear":
+            raise PirlError("--stage all is for 'pirl eval linear' (per-layer probes)")
+    if "fraction" in o:
+        ft.check_fraction(o["fraction"])
+    positive = {name: o[name] for name in ("batch_size", "seeds", "epochs", "images", "queries", "k") if name in o}
+    if "shots" in o:
+        positive["shots"] = min(o["shots"], default=0)
     for name, value in positive.items():
         if value < 1:
             raise PirlError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if opts["lr"] is not None and not (opts["lr"] > 0 and math.isfinite(opts["lr"])):
-        raise PirlError(f"--lr must be a positive number, got {opts['lr']}")
-    if not 0 <= opts["seed"] < 2**32:  # the range numpy, scikit-learn and torch all accept
-        raise PirlError(f"--seed must be in [0, 2**32), got {opts['seed']}")
-    ft.resolve_device(opts["device"])
+    if o.get("lr") is not None and not (o["lr"] > 0 and math.isfinite(o["lr"])):
+        raise PirlError(f"--lr must be a positive number, got {o['lr']}")
+    if not 0 <= o["seed"] < 2**32:  # the range numpy, scikit-learn and torch all accept
+        raise PirlError(f"--seed must be in [0, 2**32), got {o['seed']}")
+    ft.resolve_device(o["device"])
 
 
-def evaluate(kind: str, model_spec: str | Sequence[str], data: str, val_data: str | None = None, *,
-             random_init: bool = False, stage: str = "pool", batch_size: int = 256, workers: int = 2,
-             data_root: str | None = None, ks: tuple[int, ...] = (20, 200), temperature: float = 0.07,
-             seed: int = 0, out: str | None = None, shots: Sequence[int] = ls.DEFAULT_SHOTS, seeds: int = 5,
-             fraction: float = 0.1, epochs: int = 70, lr: float | None = None, device: str = "auto",
-             images: int = 1000, space: str = "auto", queries: int = 8, k: int = 8) -> dict[str, Any]:
+@dataclass
+class _Run:
+    """One evaluation's inputs: the models, the data, this kind's options and where results go."""
+
+    kind: str
+    specs: list[str]
+    data: str
+    test_data: str
+    opts: dict[str, Any]
+    out_dir: Path | None
+
+    @property
+    def suffix(self) -> str:
+        return "-random" if self.opts["random_init"] else ""
+
+
+def evaluate(kind: str, model_spec: str | Sequence[str], data: str, val_data: str | None = None,
+             **options: Any) -> dict[str, Any]:
     """Run one evaluation; training images are the train split of ``data``, test images ``val_data`` (or the
-    test/val split of ``data``). Writes ``<out>/<kind>...json`` (and a PNG for invariance/retrieval)."""
+    test/val split of ``data``). ``options`` are those of ``pirl eval KIND`` in Python spelling (see
+    :data:`pirl.eval.kinds.KINDS`: ``stage``, ``batch_size``, ``workers``, ``seed``, ``shots``, ...); one that
+    the kind does not take is an error. Writes ``<out>/<kind>...json`` (and a PNG for invariance/retrieval)."""
+    if kind not in KINDS:
+        raise PirlError(f"unknown evaluation {kind!r}; choose one of {', '.join(KINDS)}")
+    spec = KIND_SPECS[kind]
     specs = [str(model_spec)] if isinstance(model_spec, (str, Path)) else [str(s) for s in model_spec]
-    _check_options(kind, specs, stage, fraction=fraction, batch_size=batch_size, seeds=seeds, epochs=epochs,
-                   images=images, queries=queries, k=k, shots=list(shots), lr=lr, seed=seed, device=device)
-    out_dir = Path(out) if out else None
+    opts = spec.resolve(options)
+    _check(spec, specs, opts)
+    out_dir = Path(opts["out"]) if opts["out"] else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
-    test_data = val_data or data
+    run = _Run(kind, specs, data, val_data or data, opts, out_dir)
     if kind == "invariance":
-        return _invariance(specs, test_data, data_root=data_root, random_init=random_init, space=space,
-                           images=images, seed=seed, batch_size=batch_size, workers=workers, device=device,
-                           out_dir=out_dir)
-
-    dev = ft.resolve_device(device)  # features, kNN and linear probes run on it (auto: the GPU when present)
-    model = load_model(specs[0], random_init=random_init, seed=seed)
-    result: dict[str, Any] = {"eval": kind, "model": specs[0], "random_init": random_init, **model.describe()}
-    suffix = "-random" if random_init else ""
+        return _invariance(run)
     if kind == "finetune":
-        train_src, test_src = _open(data, "train", data_root), _open(test_data, "test", data_root)
-        res = ft.finetune(model.trunk, train_src, test_src, input_size=model.input_size, mean=model.mean,
-                          std=model.std, fraction=fraction, epochs=epochs, lr=lr, batch_size=batch_size,
-                          device=device, seed=seed, workers=workers, progress=True)
-        result.update({"protocol": ft.protocol(fraction, epochs, res["milestones"]), **res})
-        return _write(result, out_dir, f"finetune{suffix}-f{fraction:g}")
+        return _finetune(run)
+    return _on_features(run)
 
+
+def _load(run: _Run) -> tuple[LoadedModel, dict[str, Any]]:
+    o = run.opts
+    model = load_model(run.specs[0], random_init=o["random_init"], seed=o["seed"])
+    return model, {"eval": run.kind, "model": run.specs[0], "random_init": o["random_init"], **model.describe()}
+
+
+def _finetune(run: _Run) -> dict[str, Any]:
+    o = run.opts
+    model, result = _load(run)
+    train_src, test_src = _open(run.data, "train", o["data_root"]), _open(run.test_data, "test", o["data_root"])
+    res = ft.finetune(model.trunk, train_src, test_src, input_size=model.input_size, mean=model.mean,
+                      std=model.std, fraction=o["fraction"], epochs=o["epochs"], lr=o["lr"],
+                      batch_size=o["batch_size"], device=o["device"], seed=o["seed"], workers=o["workers"],
+                      progress=True)
+    result.update({"protocol": ft.protocol(o["fraction"], o["epochs"], res["milestones"]), **res})
+    return _write(result, run.out_dir, f"finetune{run.suffix}-f{o['fraction']:g}")
+
+
+def _on_features(run: _Run) -> dict[str, Any]:
+    """knn, linear, lowshot and retrieval: on (cached) frozen features of the train and test images."""
+    o, kind, stage, seed = run.opts, run.kind, run.opts["stage"], run.opts["seed"]
+    dev = ft.resolve_device(o["device"])  # features, kNN and linear probes run on it (auto: the GPU when present)
+    model, result = _load(run)
     labelled = kind != "retrieval"  # retrieval also works on unlabelled folders (no precision then)
-    train_src = _open(data, "train", data_root, labels=labelled)
-    test_src = _open(test_data, "test", data_root, labels=labelled)
+    train_src = _open(run.data, "train", o["data_root"], labels=labelled)
+    test_src = _open(run.test_data, "test", o["data_root"], labels=labelled)
     result.update({"stage": stage, "train_images": len(train_src), "test_images": len(test_src)})
 
     def both(st: str) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        kw = {"stage": st, "batch_size": batch_size, "workers": workers, "device": dev}
-        return (_features(model, train_src, data, "train", **kw), _features(model, test_src, test_data, "test", **kw))
+        kw = {"stage": st, "batch_size": o["batch_size"], "workers": o["workers"], "device": dev}
+        return (_features(model, train_src, run.data, "train", **kw),
+                _features(model, test_src, run.test_data, "test", **kw))
 
     if kind == "linear" and stage == "all":
         result.update(_linear_all(both, seed, dev))
-        return _write(result, out_dir, f"linear{suffix}-all")
+        return _write(result, run.out_dir, f"linear{run.suffix}-all")
     (train_f, train_y), (test_f, test_y) = both(stage)
     if kind == "knn":
+        ks, temperature = tuple(o["ks"]), o["temperature"]
         accs = knn_accuracies(train_f.to(dev), train_y, test_f, test_y, ks=ks, temperature=temperature)
         result.update({"protocol": f"weighted kNN (NPID), cosine, T={temperature}", "k": max(ks),
                        "top1": accs[max(ks)], **{f"top1_k{k}": a for k, a in accs.items()}})
@@ -134,13 +170,13 @@ def evaluate(kind: str, model_spec: str | Sequence[str], data: str, val_data: st
         result.update({"protocol": "L-BFGS multinomial logistic regression on standardised frozen features, "
                                    "weight decay chosen on a 10% held-out split", **probe})
     elif kind == "lowshot":
-        res = ls.lowshot_svm(train_f, train_y, test_f, test_y, shots=shots, seeds=seeds, base_seed=seed)
-        result.update({"protocol": ls.protocol(seeds, res["costs"]), **res})
+        res = ls.lowshot_svm(train_f, train_y, test_f, test_y, shots=o["shots"], seeds=o["seeds"], base_seed=seed)
+        result.update({"protocol": ls.protocol(o["seeds"], res["costs"]), **res})
     else:
+        png = run.out_dir / f"retrieval{run.suffix}-{stage}.png" if run.out_dir else None
         result.update(_retrieval(train_src, test_src, train_f, train_y, test_f, test_y, stage=stage,
-                                 queries=queries, k=k, seed=seed, png=out_dir / f"retrieval{suffix}-{stage}.png"
-                                 if out_dir else None))
-    return _write(result, out_dir, f"{kind}{suffix}-{stage}")
+                                 queries=o["queries"], k=o["k"], seed=seed, png=png))
+    return _write(result, run.out_dir, f"{kind}{run.suffix}-{stage}")
 
 
 def _write(result: dict[str, Any], out_dir: Path | None, stem: str) -> dict[str, Any]:
@@ -207,18 +243,18 @@ def _retrieval(train_src: Any, test_src: Any, train_f: torch.Tensor, train_y: to
     return res
 
 
-def _invariance(specs: list[str], data: str, *, data_root: str | None, random_init: bool, space: str, images: int,
-                seed: int, batch_size: int, workers: int, device: str, out_dir: Path | None) -> dict[str, Any]:
-    subjects = [inv.load_subject(s, space, seed=seed) for s in specs]
-    if random_init:
+def _invariance(run: _Run) -> dict[str, Any]:
+    o, specs, seed = run.opts, run.specs, run.opts["seed"]
+    subjects = [inv.load_subject(s, o["space"], seed=seed) for s in specs]
+    if o["random_init"]:
         subjects.append(inv.load_subject(specs[0], "trunk", random_init=True, seed=seed))
-    source = _open(data, "test", data_root, labels=False)
-    dev = ft.resolve_device(device)
+    source = _open(run.test_data, "test", o["data_root"], labels=False)
+    dev = ft.resolve_device(o["device"])
     result: dict[str, Any] = {"eval": "invariance", "protocol": inv.PROTOCOL, "models": [s.name for s in subjects],
-                              "space": space, "random_init": random_init,
-                              **inv.invariance(subjects, source, images=images, seed=seed, batch_size=batch_size,
-                                               workers=workers, device=dev)}
-    if out_dir:
-        inv.plot(result["details"]["per_model"], out_dir / "invariance.png")
-        result["png"] = str(out_dir / "invariance.png")
-    return _write(result, out_dir, "invariance")
+                              "space": o["space"], "random_init": o["random_init"],
+                              **inv.invariance(subjects, source, images=o["images"], seed=seed,
+                                               batch_size=o["batch_size"], workers=o["workers"], device=dev)}
+    if run.out_dir:
+        inv.plot(result["details"]["per_model"], run.out_dir / "invariance.png")
+        result["png"] = str(run.out_dir / "invariance.png")
+    return _write(result, run.out_dir, "invariance")

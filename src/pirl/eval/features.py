@@ -6,18 +6,18 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 from tqdm import tqdm
 
 from pirl.cache import used
+from pirl.data.views import eval_transform  # noqa: F401  (re-exported: the view lives in pirl.data)
 from pirl.errors import PirlError
 from pirl.safe_io import atomic_write_text, atomic_write_with
 from pirl.models.trunk import STAGES, stage_features
@@ -25,27 +25,7 @@ from pirl.models.trunk import STAGES, stage_features
 FEATURE_STAGES = (*STAGES, "pool")
 # Goyal et al. 2019 pool each stage to about 9k dims before the per-layer linear classifiers.
 DEFAULT_POOLED_DIM = 9000
-
-
-def eval_transform(
-    input_size: int, mean: Sequence[float], std: Sequence[float], resize: int | None = None
-) -> v2.Compose:
-    """Test-time transform on PIL images: Resize(short side) -> CenterCrop -> float tensor -> Normalize.
-
-    The default resize is ``input_size * 256 // 224`` (224 -> 256) for inputs of at least 128 pixels and
-    ``input_size`` for small images (CIFAR/STL), where an upscale-then-crop would cut off content.
-    """
-    if resize is None:
-        resize = input_size * 256 // 224 if input_size >= 128 else input_size
-    return v2.Compose(
-        [
-            v2.Resize(resize, antialias=True),
-            v2.CenterCrop(input_size),
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
-        ]
-    )
+T = TypeVar("T")
 
 
 def pooled_size(channels: int, pooled_dim: int = DEFAULT_POOLED_DIM) -> int:
@@ -69,6 +49,45 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(t, device) for t in x)
+    return x.to(device, non_blocking=True)
+
+
+def frozen_batches(
+    fn: Callable[..., T],
+    dataset: Dataset,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    inputs: int = 1,
+    amp_dtype: torch.dtype | None = None,
+    pin_memory: bool = False,
+    worker_init_fn: Callable[[int], None] | None = None,
+    progress: bool = False,
+    desc: str = "batches",
+) -> list[T]:
+    """``fn`` over every batch of ``dataset``, in order, without gradients: the one loop of every evaluation
+    that runs a frozen network over images (features, fine-tuned accuracy, invariance distances).
+
+    Each batch is what a DataLoader yields (a tuple); its first ``inputs`` items (tensors, or lists of them) are
+    moved to ``device`` and ``fn`` gets them followed by the other items as they are, under autocast to
+    ``amp_dtype`` (None: off).
+    Returns ``fn``'s results, one per batch.
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+                        worker_init_fn=worker_init_fn)
+    out: list[T] = []
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            moved = [_to(x, device) for x in batch[:inputs]]
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out.append(fn(*moved, *batch[inputs:]))
+    return out
 
 
 def extract_features(
@@ -95,27 +114,23 @@ def extract_features(
     dev = torch.device(device) if device is not None else _default_device()
     amp_dtype = _autocast_dtype(dev)
     dim = DEFAULT_POOLED_DIM if pooled_dim is None else pooled_dim
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=dev.type == "cuda"
-    )
+
+    def features(images: torch.Tensor, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if stage == "pool":
+            out = trunk(images)
+        else:
+            out = pool_stage_map(stage_features(trunk, images, (stage,))[stage], dim)
+        return torch.flatten(out, 1).float().cpu(), torch.as_tensor(targets).reshape(-1).to(torch.int64)
+
     was_training = trunk.training
     trunk.to(dev).eval()
-    feats: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
     try:
-        with torch.inference_mode():
-            for images, targets in tqdm(loader, desc=f"features[{stage}]", disable=not progress, leave=False):
-                images = images.to(dev, non_blocking=True)
-                with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    if stage == "pool":
-                        out = trunk(images)
-                    else:
-                        out = pool_stage_map(stage_features(trunk, images, (stage,))[stage], dim)
-                feats.append(torch.flatten(out, 1).float().cpu())
-                labels.append(torch.as_tensor(targets).reshape(-1).to(torch.int64))
+        batches = frozen_batches(features, dataset, device=dev, batch_size=batch_size, num_workers=num_workers,
+                                 amp_dtype=amp_dtype, pin_memory=dev.type == "cuda", progress=progress,
+                                 desc=f"features[{stage}]")
     finally:
         trunk.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    return torch.cat([f for f, _ in batches]), torch.cat([y for _, y in batches])
 
 
 def cache_key(key_parts: Mapping[str, Any]) -> str:

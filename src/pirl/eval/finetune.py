@@ -20,8 +20,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from pirl.data.indexed import SourceImages
+from pirl.data.views import eval_transform
 from pirl.errors import PirlError
-from pirl.eval.features import eval_transform
+from pirl.eval.features import frozen_batches
 from pirl.models.trunk import feature_dim
 
 
@@ -51,18 +53,6 @@ def balanced_subset(labels: Sequence[int], fraction: float, seed: int = 0) -> li
 def train_transform(input_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     return v2.Compose([v2.RandomResizedCrop(input_size, antialias=True), v2.RandomHorizontalFlip(),
                        v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
-
-
-class _Subset(Dataset):
-    def __init__(self, source: Any, indices: Sequence[int], transform: Any) -> None:
-        self.source, self.indices, self.transform = source, list(indices), transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img, label = self.source[self.indices[i]]
-        return self.transform(img), label
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -134,7 +124,7 @@ def finetune(
     model = nn.Sequential(trunk, head).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
-    train_set = _Subset(train_source, subset, train_transform(input_size, mean, std))
+    train_set = SourceImages(train_source, train_transform(input_size, mean, std), subset)
     # A last batch of one image would break BatchNorm's batch statistics.
     drop_last = len(subset) > batch_size and len(subset) % batch_size == 1
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=drop_last,
@@ -156,7 +146,7 @@ def finetune(
             count += len(targets)
         sched.step()
         losses.append(total / max(count, 1))
-    top1 = _accuracy(model, _Subset(test_source, test_idx, eval_transform(input_size, mean, std)), dev, amp,
+    top1 = _accuracy(model, SourceImages(test_source, eval_transform(input_size, mean, std), test_idx), dev, amp,
                      batch_size, workers)
     return {"top1": top1, "fraction": fraction, "train_images": len(subset), "test_images": len(test_idx),
             "num_classes": num_classes, "epochs": epochs, "lr": lr, "batch_size": batch_size,
@@ -167,13 +157,9 @@ def finetune(
 def _accuracy(model: nn.Module, dataset: Dataset, dev: torch.device, amp: torch.dtype | None, batch_size: int,
               workers: int) -> float:
     model.eval()
-    correct = 0
-    with torch.inference_mode():
-        for images, targets in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
-            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                logits = model(images.to(dev))
-            correct += int((logits.argmax(1).cpu() == targets).sum())
-    return correct / len(dataset)
+    hits = frozen_batches(lambda images, targets: int((model(images).argmax(1).cpu() == targets).sum()), dataset,
+                          device=dev, batch_size=batch_size, num_workers=workers, amp_dtype=amp)
+    return sum(hits) / len(dataset)
 
 
 def protocol(fraction: float, epochs: int, milestones: Sequence[int]) -> str:

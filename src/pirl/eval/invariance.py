@@ -24,10 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
+from pirl.data.indexed import SourceImages
+from pirl.data.views import eval_transform
 from pirl.errors import PirlError
-from pirl.eval.features import eval_transform
+from pirl.eval.features import frozen_batches
 from pirl.safe_io import save_figure
 
 SPACES = ("auto", "heads", "trunk")
@@ -112,21 +113,18 @@ class Subject:
         return self.heads["f"](self.trunk(a)), self.heads["g"](self.trunk(b))
 
 
-class _Pairs(Dataset):
-    """(I, I^t) inputs of a subject for the images at ``indices``; the transform of image i is seeded by i."""
+class _Pairs(SourceImages):
+    """((I, I^t), label): the inputs of a subject for the images at ``indices``; the transform of image i is
+    seeded by i."""
 
     def __init__(self, source: Any, indices: Sequence[int], subject: Subject, seed: int) -> None:
-        self.source, self.indices, self.s, self.seed = source, list(indices), subject, seed
+        super().__init__(source, None, indices)
+        self.s, self.seed = subject, seed
         self.view = eval_transform(subject.input_size, subject.mean, subject.std)
         if subject.space == "heads" and "jigsaw" in subject.pretext:
             self.jig_view = eval_transform(subject.jigsaw_crop, subject.mean, subject.std, resize=subject.jigsaw_crop)
 
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = self.indices[i]
-        img, _ = self.source[index]
+    def item(self, img: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         s = self.s
         if s.space == "trunk":
@@ -185,12 +183,12 @@ def distances(subject: Subject, source: Any, indices: Sequence[int], *, seed: in
     modules = [m for m in (subject.trunk, subject.heads) if m is not None]
     for m in modules:
         m.to(dev).eval()
-    out = []
-    with torch.inference_mode():
-        for a, b in DataLoader(_Pairs(source, indices, subject, seed), batch_size=batch_size, num_workers=workers):
-            ea, eb = subject.embed(a.to(dev), b.to(dev))
-            out.append(unit_distances(ea, eb).cpu())
-    return torch.cat(out)
+
+    def pair_distances(pair: list[torch.Tensor], _labels: torch.Tensor) -> torch.Tensor:
+        return unit_distances(*subject.embed(*pair)).cpu()
+
+    return torch.cat(frozen_batches(pair_distances, _Pairs(source, indices, subject, seed), device=dev,
+                                    batch_size=batch_size, num_workers=workers))
 
 
 def summarise(d: torch.Tensor) -> dict[str, Any]:

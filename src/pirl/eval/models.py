@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from pirl.checkpoint import load_export, open_checkpoint, trunk_state_dict
+from pirl.data.indexed import SourceImages
 from pirl.errors import PirlError
 from pirl.models.trunk import build_trunk
 
@@ -77,15 +77,5 @@ def load_model(spec: str | Path, *, random_init: bool = False, seed: int = 0) ->
     return LoadedModel(trunk.eval(), arch, stem, int(size), list(mean), list(std), identity)
 
 
-class LabeledImages(Dataset):
-    """(transformed image, label) pairs of an image source; undecodable images raise a one-line error."""
-
-    def __init__(self, source: Any, transform: Any) -> None:
-        self.source, self.transform = source, transform
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        img, label = self.source[index]
-        return self.transform(img), label
+#: (transformed image, label) pairs of an image source (all of it); undecodable images raise a one-line error.
+LabeledImages = SourceImages

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pirl.data import keys
 from pirl.data.views import PirlViews
 from pirl.errors import PirlError
 from pirl.methods.base import BaseMethod, StepOutput, classification
@@ -99,8 +100,8 @@ class Jigsaw(BaseMethod):
 
     def training_step(self, batch, step, encoder=None) -> StepOutput:
         encoder = encoder or self.encoder
-        logits = encoder({"jigsaw": batch["patches"].flatten(0, 1)})["jigsaw"]  # (B, 9, 3, P, P) -> (9B, ...)
-        return classification(logits, batch["permutation"])
+        logits = encoder({"jigsaw": batch[keys.PATCHES].flatten(0, 1)})["jigsaw"]  # (B, 9, 3, P, P) -> (9B, ...)
+        return classification(logits, batch[keys.PERMUTATION])
 
     def get_extra_state(self) -> torch.Tensor:
         return self.permutations

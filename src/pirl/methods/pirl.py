@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pirl.data import keys
 from pirl.methods.base import Method, StepOutput, unit
 from pirl.models.heads import ImageHead, JigsawHead
 
@@ -28,15 +29,15 @@ class PIRL(Method):
 
     def transformed_input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.pretext == "rotation":
-            return batch["rotated"]
-        return batch["patches"].flatten(0, 1)  # (B, 9, 3, P, P) -> (9B, 3, P, P), image-major
+            return batch[keys.ROTATED]
+        return batch[keys.PATCHES].flatten(0, 1)  # (B, 9, 3, P, P) -> (9B, 3, P, P), image-major
 
     def training_step(self, batch, step, encoder=None) -> StepOutput:
         encoder = encoder or self.encoder
-        lam, idx = self.cfg.loss.lam, batch["index"]
+        lam, idx = self.cfg.loss.lam, batch[keys.INDEX]
         # The transformed view goes first, as in VISSL (it sets the order of the BatchNorm running-stat updates).
         inputs = {"g": self.transformed_input(batch)} if lam > 0 else {}
-        inputs["f"] = batch["image"]
+        inputs["f"] = batch[keys.IMAGE]
         keep = frozenset() if self.cfg.loss.transformed_bn_stats else frozenset({"g"})
         emb = encoder(inputs, keep_bn_stats=keep) if keep else encoder(inputs)
         e_img = unit(emb["f"])
@@ -66,6 +67,6 @@ class NPID(PIRL):
 
     def training_step(self, batch, step, encoder=None) -> StepOutput:
         encoder = encoder or self.encoder
-        e_img = unit(encoder({"f": batch["image"]})["f"])
-        loss = self.bank_loss(e_img, batch["index"], step, term=1)
-        return StepOutput(loss, {"loss_image": loss.detach()}, (batch["index"], e_img.detach()))
+        e_img = unit(encoder({"f": batch[keys.IMAGE]})["f"])
+        loss = self.bank_loss(e_img, batch[keys.INDEX], step, term=1)
+        return StepOutput(loss, {"loss_image": loss.detach()}, (batch[keys.INDEX], e_img.detach()))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pirl.data import keys
 from pirl.methods.base import BaseMethod, StepOutput, classification
 
 
@@ -29,5 +30,5 @@ class Rotation(BaseMethod):
 
     def training_step(self, batch, step, encoder=None) -> StepOutput:
         encoder = encoder or self.encoder
-        images, labels = rotate_all(batch["image"])
+        images, labels = rotate_all(batch[keys.IMAGE])
         return classification(encoder({"rotation": images})["rotation"], labels)

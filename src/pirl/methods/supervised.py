@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from pirl.data import keys
 from pirl.errors import PirlError
 from pirl.methods.base import BaseMethod, StepOutput, classification
 
@@ -32,8 +33,8 @@ class Supervised(BaseMethod):
 
     def training_step(self, batch, step, encoder=None) -> StepOutput:
         encoder = encoder or self.encoder
-        labels = batch["label"]
+        labels = batch[keys.LABEL]
         if bool((labels < 0).any()):  # a partly labelled source: say so rather than fail inside cross_entropy
-            index = int(batch["index"][labels < 0][0])
+            index = int(batch[keys.INDEX][labels < 0][0])
             raise PirlError(f"loss.method=supervised: training image {index} has no label; every image needs one")
-        return classification(encoder({"classifier": batch["image"]})["classifier"], labels)
+        return classification(encoder({"classifier": batch[keys.IMAGE]})["classifier"], labels)
