@@ -20,7 +20,7 @@ from statistics import mean
 
 from compare_loss_forms import knn_of
 from pirl.config import load_config
-from pirl.train import train
+from pirl.training import train
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:

@@ -95,7 +95,7 @@ def pretrain(config: Config | str | Path | Mapping[str, Any] | None, data: Any, 
     its latest checkpoint and its own config (``overrides`` still apply).
     """
     from pirl.checkpoint import load_latest
-    from pirl.train import train
+    from pirl.training import train
 
     overrides = [*_override_strings(overrides), *_keyword_overrides(settings)]
     found = load_latest(out) if resume and Path(out).is_dir() else None

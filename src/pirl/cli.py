@@ -44,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if not args.data or not args.out:
         raise PirlError("pirl train needs --data PATH and --out DIR")
-    from pirl.train import train
+    from pirl.training import train
 
     summary = train(cfg, args.data, args.out, resume=args.resume, data_root=args.data_root, download=args.download,
                     val_data=args.val_data, overwrite=args.overwrite)

@@ -55,7 +55,7 @@ def _scores(trunk: torch.nn.Module, train_src: ArraySource, test_src: ArraySourc
 def run_demo(out: str | None = None, epochs: int | None = None) -> dict[str, dict[str, float]]:
     """Train, then print and return {"random_init": {...}, "pirl": {...}} accuracies on held-out digits
     (only "random_init" when a signal stopped the training)."""
-    from pirl.train import train
+    from pirl.training import train
 
     overrides = DEMO_OVERRIDES + ([f"optim.epochs={epochs}"] if epochs else [])
     cfg = load_config("cpu-quick", overrides)

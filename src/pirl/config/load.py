@@ -102,8 +102,8 @@ def _choice(key: str, value: Any, choices: Iterable[str]) -> None:
 
 def validate(cfg: Config) -> None:
     """Raise :class:`PirlError` naming the first impossible value."""
-    from pirl.bank import BANK_DTYPES, BANK_KINDS
-    from pirl.models.trunk import ARCHS, STEMS, is_timm_arch
+    from pirl.bank.kinds import BANK_DTYPE_NAMES, BANK_KINDS
+    from pirl.models.archs import ARCHS, STEMS, is_timm_arch
 
     d, m, lo, o, t = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.train
     for section in dataclasses.fields(cfg):
@@ -142,10 +142,11 @@ def validate(cfg: Config) -> None:
         _check(m.stem == "imagenet", "model.stem", m.stem, "must be imagenet for a timm trunk")
     _choice("model.stem", m.stem, STEMS)
     _choice("model.head", m.head, ("linear", "mlp"))
-    from pirl.interop import check_init
+    if m.init:  # pirl.interop loads torch: only when there is something to check
+        from pirl.interop import check_init
 
-    init_problem = check_init(m.init)
-    _check(init_problem is None, "model.init", m.init, init_problem or "")
+        init_problem = check_init(m.init)
+        _check(init_problem is None, "model.init", m.init, init_problem or "")
     _choice("loss.method", lo.method, ("pirl", "npid", "jigsaw", "rotation", "supervised"))
     if lo.method == "jigsaw":
         most = min(math.factorial(min(d.grid ** 2, 10)), 100_000)  # 10! already exceeds the cap
@@ -155,7 +156,7 @@ def validate(cfg: Config) -> None:
     _choice("loss.form", lo.form, ("infonce", "npid_nce", "paper_nce"))
     _choice("loss.bank_init", lo.bank_init, ("random", "features"))
     _choice("loss.bank", lo.bank, BANK_KINDS)
-    _choice("loss.bank_dtype", lo.bank_dtype, tuple(BANK_DTYPES))
+    _choice("loss.bank_dtype", lo.bank_dtype, BANK_DTYPE_NAMES)
     _check(0 <= lo.lam <= 1, "loss.lam", lo.lam, "must be in [0, 1]")
     _check(lo.temperature > 0, "loss.temperature", lo.temperature, "must be positive")
     _check(0 <= lo.bank_momentum < 1, "loss.bank_momentum", lo.bank_momentum, "must be in [0, 1)")

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from pirl.bank import mix_seed
+from pirl.seeding import mix_seed
 
 
 class ViewDataset(Dataset):

@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from pirl.device import amp_dtype, autocast
+from pirl.device import parse_device as resolve_device  # eval.commands checks --device with it
 from pirl.errors import PirlError
 from pirl.eval.features import eval_transform
 from pirl.models.trunk import feature_dim
@@ -63,23 +65,6 @@ class _Subset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img, label = self.source[self.indices[i]]
         return self.transform(img), label
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; anything else is a one-line error."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise PirlError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PirlError(f"device {device} requested but CUDA is not available")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise PirlError(f"device {device} requested but only {torch.cuda.device_count()} CUDA devices exist")
-    return dev
 
 
 def default_milestones(epochs: int) -> list[int]:
@@ -139,14 +124,14 @@ def finetune(
     drop_last = len(subset) > batch_size and len(subset) % batch_size == 1
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=drop_last,
                         generator=torch.Generator().manual_seed(seed), pin_memory=dev.type == "cuda")
-    amp = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    amp = amp_dtype(dev, fp16_fallback=False)  # bfloat16 or nothing: this loop has no loss scaler
     losses: list[float] = []
     for _ in tqdm(range(epochs), desc="finetune", disable=not progress, leave=False):
         model.train()
         total, count = 0.0, 0
         for images, targets in loader:
             images, targets = images.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
-            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            with autocast(dev, amp):
                 logits = model(images)
             loss = F.cross_entropy(logits.float(), targets)
             opt.zero_grad(set_to_none=True)
@@ -170,7 +155,7 @@ def _accuracy(model: nn.Module, dataset: Dataset, dev: torch.device, amp: torch.
     correct = 0
     with torch.inference_mode():
         for images, targets in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
-            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            with autocast(dev, amp):
                 logits = model(images.to(dev))
             correct += int((logits.argmax(1).cpu() == targets).sum())
     return correct / len(dataset)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from pirl.device import default_device
 from pirl.errors import PirlError
 from pirl.eval.features import eval_transform
 from pirl.safe_io import save_figure
@@ -181,7 +182,7 @@ def load_subject(spec: str, space: str = "auto", *, random_init: bool = False, s
 def distances(subject: Subject, source: Any, indices: Sequence[int], *, seed: int = 0, batch_size: int = 256,
               workers: int = 0, device: str | torch.device | None = None) -> torch.Tensor:
     """Distances (CPU float32) between the unit-norm representations of each image and its transformed version."""
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device) if device is not None else default_device()
     modules = [m for m in (subject.trunk, subject.heads) if m is not None]
     for m in modules:
         m.to(dev).eval()

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pirl import losses
-from pirl.bank import MemoryBank, build_bank
+from pirl.bank.build import build_bank
+from pirl.bank.replicated import MemoryBank
 from pirl.config.schema import Config
 from pirl.data.views import PirlViews
 from pirl.models.trunk import build_trunk, feature_dim
