@@ -44,7 +44,7 @@ class Setting:
     device: str = "cpu"
     amp: bool = True  # CUDA only, as train.amp
     channels_last: bool = True  # as train.channels_last (CPU and CUDA)
-    bank_dtype: str = "float32"  # as loss.bank_dtype
+    bank_dtype: str = "float32"  # as bank.dtype
 
 
 def _sync(device: torch.device) -> None:
@@ -57,8 +57,8 @@ def build_steps(s: Setting) -> tuple[Callable[[], None], Callable[[], None], tor
     device = torch.device(s.device)
     cfg = load_config(None, [f"model.arch={s.arch}", f"model.stem={s.stem}", f"data.image_size={s.image}",
                              f"data.patch_size={s.patch}", f"data.jigsaw_crop={3 * s.patch + 3}",
-                             f"loss.negatives={s.negatives}", f"loss.share_negatives={s.shared}",
-                             f"loss.bank_dtype={s.bank_dtype}"])
+                             f"bank.negatives={s.negatives}", f"bank.share_negatives={s.shared}",
+                             f"bank.dtype={s.bank_dtype}"])
     torch.manual_seed(0)
     method = build_method(cfg, s.num_samples).to(device)
     images = torch.randn(s.batch, 3, s.image, s.image, device=device)

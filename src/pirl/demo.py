@@ -26,7 +26,7 @@ DEMO_OVERRIDES = [
     "data.min_size=32", "data.image_size=32", "data.image_scale=[0.5,1.0]", "data.jigsaw_crop=30",
     "data.jigsaw_scale=[0.7,1.0]", "data.patch_size=8", "data.augment=light", "data.workers=1",
     "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]", "data.subset=0",
-    "model.arch=resnet18", "model.stem=imagenet", "loss.negatives=1024",
+    "model.arch=resnet18", "model.stem=imagenet", "bank.negatives=1024",
     "optim.batch_size=64", "optim.base_lr=0.12", "optim.warmup_epochs=0.5", "optim.epochs=12",
 ]
 

@@ -1,4 +1,4 @@
-"""One constructor for every bank kind (``loss.bank``)."""
+"""One constructor for every bank kind (``bank.kind``)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Negatives are drawn uniformly with replacement (optionally excluding the positive) from a generator reseeded
 from ``(seed, step, term)``, so the draw depends on neither the process count nor where a run was resumed.
 Under ``torch.distributed`` every rank holds the full bank and applies the same all-gathered update, so the
-replicas stay identical; :mod:`pirl.bank.sharded` splits the rows across ranks instead (``loss.bank=sharded``).
+replicas stay identical; :mod:`pirl.bank.sharded` splits the rows across ranks instead (``bank.kind=sharded``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pirl.distributed.collectives import all_gather_nograd
 from pirl.distributed.collectives import distributed as _distributed
 from pirl.seeding import mix_seed
 
-# Storage of the rows (``loss.bank_dtype``). float16 halves the bank's memory and the bytes each gather reads;
+# Storage of the rows (``bank.dtype``). float16 halves the bank's memory and the bytes each gather reads;
 # unit vectors lose nothing that matters in it (cosine scores within 5e-4 of float32 ones, tests/test_bank.py),
 # and every score, loss and update is still computed in float32.
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}

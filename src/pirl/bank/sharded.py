@@ -1,4 +1,4 @@
-"""A memory bank split across processes (``loss.bank=sharded``): rank r holds the contiguous rows
+"""A memory bank split across processes (``bank.kind=sharded``): rank r holds the contiguous rows
 ``bounds[r]:bounds[r + 1]`` (N / W of them), so bank memory per GPU falls with the number of processes.
 
 Scoring routes each request to the owner of the row. A rank sends every (sample, bank row) pair it needs to the

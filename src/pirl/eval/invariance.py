@@ -157,7 +157,7 @@ def load_subject(spec: str, space: str = "auto", *, random_init: bool = False, s
 
         _, ckpt = open_checkpoint(path)
         cfg = load_config(None, [], base=ckpt["config"])
-        if cfg.loss.method == "pirl" and cfg.loss.lam > 0:
+        if cfg.method.name == "pirl" and cfg.method.lam > 0:
             method = build_method(cfg, 1)  # one bank row: the bank is not needed here
             state = {k[len("encoder."):]: v for k, v in ckpt["method"].items() if k.startswith("encoder.")}
             try:
@@ -167,10 +167,10 @@ def load_subject(spec: str, space: str = "auto", *, random_init: bool = False, s
                     from None
             d = cfg.data
             return Subject(str(spec), "heads", method.encoder.trunk.eval(), method.encoder.heads.eval(),
-                           cfg.loss.pretext, d.image_size, list(d.mean), list(d.std), d.jigsaw_crop, d.patch_size,
+                           cfg.method.pretext, d.image_size, list(d.mean), list(d.std), d.jigsaw_crop, d.patch_size,
                            d.grid)
         if space == "heads":
-            raise PirlError(f"{spec}: a {cfg.loss.method} run (lam={cfg.loss.lam}) has no trained g head; "
+            raise PirlError(f"{spec}: a {cfg.method.name} run (lam={cfg.method.lam}) has no trained g head; "
                             "use --space trunk")
     elif space == "heads" and not random_init:
         raise PirlError(f"{spec}: --space heads needs a run directory or checkpoint (exports hold the trunk only)")

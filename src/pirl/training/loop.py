@@ -93,7 +93,7 @@ def _train(cfg: Config, data: str | ImageSource, out: str | Path, *, resume: boo
     log = RunLog(run_dir, dinfo.is_main, done.global_step if done.checkpoint else (0 if resume else None))
     if done.checkpoint is not None:  # allowed changes (epochs, logging, workers, ...) are kept in the record
         log.record("resume", done.global_step, {"checkpoint": str(done.checkpoint), "changes": done.resumed_changes})
-    if cfg.loss.bank_init == "features" and done.checkpoint is None and getattr(method, "bank", None) is not None:
+    if cfg.bank.init == "features" and done.checkpoint is None and getattr(method, "bank", None) is not None:
         init_bank_from_features(method, source, indices, num_samples, cfg, parts.sampler.local_batch, dinfo, device)
     if monitor is not None and done.checkpoint is None:
         # epoch 0: the random-init trunk, the baseline every later figure is read against

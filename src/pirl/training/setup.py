@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pirl.config import Config, config_to_dict
+from pirl.config.legacy import OLD_NAMES
 from pirl.data.batched import BatchedViews, DecodeResize
 from pirl.data.dataset import EpochSampler, PlainImages, ViewDataset
 from pirl.data.sources import ImageSource
@@ -50,7 +51,7 @@ def subset_indices(num_images: int, size: int, seed: int) -> list[int] | None:
 
 def adapt_to_dataset(cfg: Config, num_samples: int, world: int) -> None:
     """Shrink settings that cannot apply to a small dataset, with a warning each."""
-    o, lo = cfg.optim, cfg.loss
+    o, b = cfg.optim, cfg.bank
     if num_samples < 2 * world:
         raise PirlError(f"the dataset has {num_samples} images; at least {2 * world} are needed")
     if o.batch_size > num_samples:
@@ -59,10 +60,11 @@ def adapt_to_dataset(cfg: Config, num_samples: int, world: int) -> None:
         o.batch_size = new
     if o.batch_size % world:
         raise PirlError(f"optim.batch_size={o.batch_size} is not divisible by the {world} processes")
-    limit = num_samples - 1 if lo.exclude_positive else num_samples
-    if lo.negatives > limit:
-        warnings.warn(f"loss.negatives={lo.negatives} exceeds the {num_samples} images; using {limit}", stacklevel=2)
-        lo.negatives = limit
+    limit = num_samples - 1 if b.exclude_positive else num_samples
+    if b.negatives > limit:
+        warnings.warn(f"bank.negatives={b.negatives} ({OLD_NAMES['bank.negatives']} in older configs) exceeds the "
+                      f"{num_samples} images; using {limit}", stacklevel=2)
+        b.negatives = limit
 
 
 def batched_views(cfg: Config, views: Any) -> BatchedViews | None:
@@ -129,7 +131,7 @@ def wrap_encoder(encoder: nn.Module, cfg: Config, dinfo: DistInfo, device: torch
 
 def init_bank_from_features(method: Any, source: ImageSource, indices: list[int] | None, num_samples: int,
                             cfg: Config, local_batch: int, dinfo: DistInfo, device: torch.device) -> None:
-    """``loss.bank_init=features``: each process embeds its slice of every global batch (the last one wraps
+    """``bank.init=features``: each process embeds its slice of every global batch (the last one wraps
     around), the bank gathers them."""
     per_step = local_batch * dinfo.world
     steps = -(-num_samples // per_step)
