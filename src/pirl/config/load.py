@@ -149,7 +149,7 @@ def validate(cfg: Config) -> None:
     check(all(s > 0 for s in d.std), "data.std", list(d.std), "must be positive")
     cell = d.jigsaw_crop // d.grid
     check(d.patch_size <= cell, "data.patch_size", d.patch_size,
-           f"must fit in a jigsaw cell of data.jigsaw_crop // data.grid = {cell} pixels")
+          f"must fit in a jigsaw cell of data.jigsaw_crop // data.grid = {cell} pixels")
     choice("data.augment", d.augment, ("vissl", "simclr_blur", "light", "none"))
     check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1]")
     if not is_timm_arch(m.arch):
@@ -176,6 +176,6 @@ def validate(cfg: Config) -> None:
     check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
     choice("train.nonfinite", t.nonfinite, ("stop", "skip"))
     check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "train.device", t.device,
-           "must be auto, cpu, cuda or cuda:N")
+          "must be auto, cpu, cuda or cuda:N")
     check(t.seed >= 0, "train.seed", t.seed, "must not be negative")
     check(t.dist_timeout_s > 0, "train.dist_timeout_s", t.dist_timeout_s, "must be positive")
