@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except MemoryError:
-        print("error: out of memory; lower optim.batch_size or bank.negatives (loss.negatives in older configs)", file=sys.stderr)
+        print("error: out of memory; lower optim.batch_size or bank.negatives (loss.negatives in older configs)",
+              file=sys.stderr)
         return 1
     except OSError as err:  # disk full, permission denied, a path too long: the system's words are enough
         where = f": {err.filename}" if err.filename else ""

@@ -3,7 +3,8 @@
 * :mod:`pirl.bank.kinds`: the choice lists (``BANK_KINDS``, ``BANK_DTYPE_NAMES``), without torch.
 * :mod:`pirl.bank.scoring`: dense and gathered scoring of embeddings against bank rows.
 * :mod:`pirl.bank.replicated`: :class:`MemoryBank`, every process holds all N rows (``bank.kind=replicated``).
-* :mod:`pirl.bank.sharded`: :class:`ShardedMemoryBank`, process r holds a contiguous N / W block (``bank.kind=sharded``).
+* :mod:`pirl.bank.sharded`: :class:`ShardedMemoryBank`, process r holds a contiguous N / W block
+  (``bank.kind=sharded``).
 * :mod:`pirl.bank.build`: :func:`build_bank`, one constructor for both.
 
 The names are imported on first use, so that ``from pirl.bank import BANK_KINDS`` loads no torch.
