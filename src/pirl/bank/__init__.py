@@ -1,6 +1,6 @@
 """The memory bank: one unit vector per training image, an EMA of its image embedding f.
 
-* :mod:`pirl.bank.kinds`: the choice lists (``BANK_KINDS``, ``BANK_DTYPE_NAMES``), without torch.
+* :mod:`pirl.bank.kinds`: the choice lists (``BANK_KINDS``, ``BANK_DTYPE_NAMES``) and the check of ``bank.*``, no torch.
 * :mod:`pirl.bank.scoring`: dense and gathered scoring of embeddings against bank rows.
 * :mod:`pirl.bank.replicated`: :class:`MemoryBank`, every process holds all N rows (``bank.kind=replicated``).
 * :mod:`pirl.bank.sharded`: :class:`ShardedMemoryBank`, process r holds a contiguous N / W block
