@@ -1,7 +1,7 @@
-"""Memory-bank size per GPU, replicated against sharded (``loss.bank``): plain arithmetic, nothing is allocated.
+"""Memory-bank size per GPU, replicated against sharded (``bank.kind``): plain arithmetic, nothing is allocated.
 
 Replicated: every process holds N x D rows. Sharded: process r holds rows r N / W to (r + 1) N / W, at most
-ceil(N / W) of them. Each row is stored as ``loss.bank_dtype`` (float32, or float16 at half the bytes; the
+ceil(N / W) of them. Each row is stored as ``bank.dtype`` (float32, or float16 at half the bytes; the
 element sizes come from :data:`pirl.bank.BANK_DTYPES`). Also prints what sharding costs instead: the bytes each process sends per step to fetch
 its scores from the owners (one int64 request and a float32 score each way per pair, two loss terms).
 

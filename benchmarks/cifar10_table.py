@@ -31,10 +31,10 @@ from pirl.data.archive import extract_archive, is_archive_path
 
 METHODS = {
     "pirl": [],
-    "npid": ["loss.method=npid"],
-    "jigsaw": ["loss.method=jigsaw"],
-    "rotation": ["loss.method=rotation"],
-    "supervised": ["loss.method=supervised"],
+    "npid": ["method.name=npid"],
+    "jigsaw": ["method.name=jigsaw"],
+    "rotation": ["method.name=rotation"],
+    "supervised": ["method.name=supervised"],
 }
 PIRL = [sys.executable, "-m", "pirl"]
 
@@ -90,7 +90,7 @@ def main() -> None:
         calib = out / f"{method}-calibration"
         subprocess.run(["rm", "-rf", str(calib)], check=True)
         run([*base, "--out", str(calib), *METHODS[method], "optim.epochs=1", "data.subset=1536",
-             "train.knn_every=0", "loss.bank_init=random", "train.log_every=2"], out / f"{method}-calibration.log")
+             "train.knn_every=0", "bank.init=random", "train.log_every=2"], out / f"{method}-calibration.log")
         rate = images_per_s(calib)
         subset = 10000
         epochs = max(1, round(args.budget_s * rate / subset))

@@ -17,7 +17,7 @@ from pathlib import Path
 from knn_probe import trunk_knn
 from pirl.config import load_config
 from pirl.eval.models import load_model
-from pirl.train import subset_indices, train
+from pirl.training import subset_indices, train
 
 
 def knn_of(run_dir: Path, data: str, n_train: int, n_test: int, random_init: bool = False) -> dict[int, float]:

@@ -6,8 +6,8 @@ fitted on ``--eval-train`` seeded training images and scored on ``--eval-test`` 
 compare_loss_forms.py. Prints one JSON object per run, one for random init, and a summary of means per variant.
 
     python benchmarks/compare_variants.py --data CIFAR10_JPEG.tar.gz --out runs/negatives \\
-        --common data.subset=5000 optim.epochs=6 loss.negatives=1024 --seeds 0 1 \\
-        --variants per_sample:loss.share_negatives=false shared:loss.share_negatives=true
+        --common data.subset=5000 optim.epochs=6 bank.negatives=1024 --seeds 0 1 \\
+        --variants per_sample:bank.share_negatives=false shared:bank.share_negatives=true
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from statistics import mean
 
 from compare_loss_forms import knn_of
 from pirl.config import load_config
-from pirl.train import train
+from pirl.training import train
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:

@@ -139,7 +139,7 @@ def main() -> None:
             preset, overrides = SETTINGS[name]
             cfg = load_config(preset, overrides).data
             threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # as a DataLoader worker (pirl.train._worker_init)
+            torch.set_num_threads(1)  # as a DataLoader worker (pirl.training.signals.worker_init)
             row = {"setting": name, "source": origin, "images": count, "image_size": cfg.image_size,
                    "jigsaw_crop": cfg.jigsaw_crop, "patch_size": cfg.patch_size, "augment": cfg.augment,
                    **pipeline(source, cfg, count, args.repeats)}

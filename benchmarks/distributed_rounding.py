@@ -20,7 +20,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pirl.train import setup_distributed, train  # noqa: E402
+from pirl.training import setup_distributed, train  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 from tests.test_distributed import OPTS, _losses, _state  # noqa: E402
 

@@ -37,7 +37,7 @@ from pirl.checkpoint import latest_checkpoint, load_checkpoint
 RECIPE = [
     "data.image_size=16", "data.jigsaw_crop=15", "data.patch_size=4", "data.min_size=0", "data.augment=light",
     "data.workers=0", "data.image_scale=[0.5,1.0]", "model.arch=resnet18", "model.embed_dim=16",
-    "loss.negatives=16", "optim.batch_size=8", "optim.epochs=2", "optim.warmup_epochs=0", "train.log_every=1",
+    "bank.negatives=16", "optim.batch_size=8", "optim.epochs=2", "optim.warmup_epochs=0", "train.log_every=1",
     "train.seed=0", "train.threads=1", "train.checkpoint_every_steps=2", "train.knn_every=0",
 ]
 IMAGES, STEPS = 32, 8

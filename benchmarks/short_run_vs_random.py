@@ -22,7 +22,7 @@ from pirl.checkpoint import latest_checkpoint, load_checkpoint
 from pirl.config import load_config
 from pirl.data.sources import open_source
 from pirl.eval.models import load_model
-from pirl.train import subset_indices, train
+from pirl.training import subset_indices, train
 
 
 def bank_leave_one_out(memory: torch.Tensor, labels: torch.Tensor, k: int = 20, temperature: float = 0.07) -> float:

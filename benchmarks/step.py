@@ -17,7 +17,6 @@ Prints one JSON line per setting (negatives x shared), with ``ratio`` = full ste
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -27,7 +26,9 @@ import torch
 
 from pirl.bank import BANK_DTYPES, MemoryBank
 from pirl.config import load_config
+from pirl.device import autocast
 from pirl.methods import build_method
+from pirl.training.step import TrainStep
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Setting:
     device: str = "cpu"
     amp: bool = True  # CUDA only, as train.amp
     channels_last: bool = True  # as train.channels_last (CPU and CUDA)
-    bank_dtype: str = "float32"  # as loss.bank_dtype
+    bank_dtype: str = "float32"  # as bank.dtype
 
 
 def _sync(device: torch.device) -> None:
@@ -56,31 +57,27 @@ def build_steps(s: Setting) -> tuple[Callable[[], None], Callable[[], None], tor
     device = torch.device(s.device)
     cfg = load_config(None, [f"model.arch={s.arch}", f"model.stem={s.stem}", f"data.image_size={s.image}",
                              f"data.patch_size={s.patch}", f"data.jigsaw_crop={3 * s.patch + 3}",
-                             f"loss.negatives={s.negatives}", f"loss.share_negatives={s.shared}",
-                             f"loss.bank_dtype={s.bank_dtype}"])
+                             f"bank.negatives={s.negatives}", f"bank.share_negatives={s.shared}",
+                             f"bank.dtype={s.bank_dtype}"])
     torch.manual_seed(0)
     method = build_method(cfg, s.num_samples).to(device)
     images = torch.randn(s.batch, 3, s.image, s.image, device=device)
     patches = torch.randn(s.batch, 9, 3, s.patch, s.patch, device=device)
-    cuda = device.type == "cuda"
-    if s.channels_last:  # as train.py: the encoder and the image batches
+    if s.channels_last:  # as the trainer: the encoder and the image batches
         method.encoder.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     batch = {"image": images, "patches": patches,
              "index": torch.randint(0, s.num_samples, (s.batch,), device=device)}
-    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and s.amp and amp_dtype == torch.float16)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype) if cuda and s.amp else contextlib.nullcontext()
-
     trunk = method.encoder.trunk
     trunk_opt = torch.optim.SGD(trunk.parameters(), lr=1e-3, momentum=0.9)
     full_opt = torch.optim.SGD(method.parameter_groups(1e-4), lr=1e-3, momentum=0.9)
+    # the trainer's step body (autocast, loss scaling, agreement flags, optimizer step, bank update)
+    pirl_step = TrainStep(method, full_opt, device, amp=s.amp, channels_last=s.channels_last)
+    scaler = pirl_step.scaler  # the baseline's: the same autocast dtype and loss scaling
     flat_patches = patches.flatten(0, 1)
 
     def trunk_step() -> None:
-        with autocast():
+        with autocast(device, pirl_step.dtype):
             loss = trunk(flat_patches).float().sum() + trunk(images).float().sum()
         trunk_opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -90,13 +87,7 @@ def build_steps(s: Setting) -> tuple[Callable[[], None], Callable[[], None], tor
     step = [0]
 
     def full_step() -> None:
-        with autocast():
-            out = method.training_step(batch, step[0])
-        full_opt.zero_grad(set_to_none=True)
-        scaler.scale(out.loss).backward()
-        scaler.step(full_opt)
-        scaler.update()
-        method.after_step(out)
+        pirl_step.run(batch, step[0])
         step[0] += 1
 
     return trunk_step, full_step, device

@@ -59,12 +59,12 @@ CHOSEN = "t32"
 
 METHODS: dict[str, list[str]] = {
     "pirl": [],
-    "npid": ["loss.method=npid"],
-    "pirl_rotation": ["loss.pretext=rotation"],
-    "pirl_jigsaw_rotation": ["loss.pretext=jigsaw_rotation"],
-    "jigsaw": ["loss.method=jigsaw"],
-    "rotation": ["loss.method=rotation"],
-    "supervised": ["loss.method=supervised"],
+    "npid": ["method.name=npid"],
+    "pirl_rotation": ["method.pretext=rotation"],
+    "pirl_jigsaw_rotation": ["method.pretext=jigsaw_rotation"],
+    "jigsaw": ["method.name=jigsaw"],
+    "rotation": ["method.name=rotation"],
+    "supervised": ["method.name=supervised"],
 }
 TRANSFER_CLASSES = ("airplane", "automobile", "bird", "cat", "deer")  # pretrain on these, probe on the rest
 
@@ -93,9 +93,9 @@ class Run:
         negatives = 8192 if self.method in ("pirl", "npid") or self.method.startswith("pirl_") else None
         for o in self.overrides:
             key, _, value = o.partition("=")
-            if key == "loss.lam":
+            if key in ("method.lam", "loss.lam"):  # the second: the key's name before the method section
                 lam = float(value)
-            if key == "loss.negatives":
+            if key in ("bank.negatives", "loss.negatives"):
                 negatives = int(value)
         return {"lam": lam, "negatives": negatives}
 
@@ -113,11 +113,11 @@ def plan() -> list[Run]:
         if seed == 0:
             runs.append(Run("main-random", "main", "random", like="main-pirl-s0"))
     runs += [Run(f"main-{m}-s0", "main", m) for m in ("pirl_rotation", "pirl_jigsaw_rotation")]
-    runs += [Run(f"lambda-{lam}-s0", "lambda", "pirl", overrides=[f"loss.lam={lam}"]) for lam in (0.25, 0.75, 1.0)]
-    runs += [Run(f"negatives-{k}-s0", "negatives", "pirl", overrides=[f"loss.negatives={k}"])
+    runs += [Run(f"lambda-{lam}-s0", "lambda", "pirl", overrides=[f"method.lam={lam}"]) for lam in (0.25, 0.75, 1.0)]
+    runs += [Run(f"negatives-{k}-s0", "negatives", "pirl", overrides=[f"bank.negatives={k}"])
              for k in (256, 1024, 4096, 10000)]
     # Why PIRL may trail NPID++: candidate causes, each one run against main-pirl-s0 / main-npid-s0.
-    runs.append(Run("why-bn-image-stats-s0", "why", "pirl", overrides=["loss.transformed_bn_stats=false"]))
+    runs.append(Run("why-bn-image-stats-s0", "why", "pirl", overrides=["method.transformed_bn_stats=false"]))
     runs.append(Run("why-no-head-bn-pirl-s0", "why", "pirl", overrides=["model.head_bn=false"]))
     runs.append(Run("why-no-head-bn-npid-s0", "why", "npid", overrides=["model.head_bn=false"]))
     runs += [Run(f"transfer-{m}", "transfer", m, data="transfer") for m in ("pirl", "npid")]
@@ -387,8 +387,8 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     root = cifar_root(args.data, out)
     folders = prepare_data(root, out, args.eval_train_every)
-    extra = ["data.subset=0", "optim.epochs=1", "loss.negatives=32", "optim.batch_size=16",
-             "loss.bank_init=random", "data.workers=0", "train.log_every=1"] if args.smoke else []
+    extra = ["data.subset=0", "optim.epochs=1", "bank.negatives=32", "optim.batch_size=16",
+             "bank.init=random", "data.workers=0", "train.log_every=1"] if args.smoke else []
     results["testbed"] = testbed_record(args.smoke)
     workers = 0 if args.smoke else args.workers
     if args.invariance:

@@ -96,7 +96,7 @@ def test_pretrain_result_export_and_load_model_round_trip(trained):
     run, export_dir = trained
     assert isinstance(run, pirl.PretrainResult) and run.epochs == 1 and run.checkpoint.is_file()
     assert np.isfinite(run.loss) and run.num_samples == 24
-    assert json.loads((run.run_dir / "config.json").read_text())["config"]["loss"]["lam"] == 0.25
+    assert json.loads((run.run_dir / "config.json").read_text())["config"]["method"]["lam"] == 0.25
     ckpt = torch.load(run.checkpoint, weights_only=True)
     trunk = {k[len("encoder.trunk."):]: v for k, v in ckpt["method"].items() if k.startswith("encoder.trunk.")}
     _same_weights(pirl.load_model(export_dir).trunk.state_dict(), trunk)

@@ -187,7 +187,7 @@ def test_bank_kind_is_validated():
     assert build_bank("replicated", 10, 4).kind == "replicated"
     with pytest.raises(ValueError, match="unknown bank kind"):
         build_bank("striped", 10, 4)
-    assert load_config("cpu-quick", ["loss.bank=sharded", "train.sync_bn=true"]).loss.bank == "sharded"
+    assert load_config("cpu-quick", ["loss.bank=sharded", "train.sync_bn=true"]).bank.kind == "sharded"
     with pytest.raises(PirlError, match=r"loss.bank='striped': must be one of replicated, sharded"):
         load_config("cpu-quick", ["loss.bank=striped"])
 

@@ -27,7 +27,7 @@ def test_overrides_are_accepted_before_between_and_after_flags(capsys):
     assert main(["train", "loss.lam=0.25", "--preset", "cifar10-r18", "loss.temperature=0.2", "--print-config",
                  "--epochs", "7", "optim.batch_size=32"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
-    assert (cfg["loss"]["lam"], cfg["loss"]["temperature"]) == (0.25, 0.2)
+    assert (cfg["method"]["lam"], cfg["loss"]["temperature"]) == (0.25, 0.2)
     assert (cfg["optim"]["epochs"], cfg["optim"]["batch_size"], cfg["model"]["stem"]) == (7, 32, "cifar")
 
 

@@ -12,13 +12,13 @@ from pirl.errors import PirlError
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_load(preset):
     cfg = load_config(preset)
-    assert cfg.loss.method == "pirl" and cfg.optim.epochs >= 1
+    assert cfg.method.name == "pirl" and cfg.optim.epochs >= 1
 
 
 def test_paper_recipe_preset():
     cfg = load_config("imagenet-r50")
     assert (cfg.model.arch, cfg.data.image_size, cfg.data.jigsaw_crop, cfg.data.patch_size) == ("resnet50", 224, 255, 64)
-    assert (cfg.loss.negatives, cfg.loss.temperature, cfg.loss.lam, cfg.loss.bank_momentum) == (32000, 0.07, 0.5, 0.5)
+    assert (cfg.bank.negatives, cfg.loss.temperature, cfg.method.lam, cfg.bank.momentum) == (32000, 0.07, 0.5, 0.5)
     assert cfg.optim.batch_size * cfg.optim.base_lr / 256 == pytest.approx(0.12)
     assert cfg.optim.epochs == 800 and cfg.loss.form == "npid_nce"
 
@@ -41,7 +41,7 @@ def test_print_config_applies_shortcuts_and_overrides(capsys):
     assert main(["train", "--preset", "cifar10-r18", "--epochs", "7", "--batch-size", "32", "--print-config",
                  "loss.lam=0.25"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
-    assert cfg["optim"]["epochs"] == 7 and cfg["optim"]["batch_size"] == 32 and cfg["loss"]["lam"] == 0.25
+    assert cfg["optim"]["epochs"] == 7 and cfg["optim"]["batch_size"] == 32 and cfg["method"]["lam"] == 0.25
     assert cfg["model"]["stem"] == "cifar"
 
 

@@ -157,7 +157,7 @@ def test_supervised_needs_labels():
 
 def test_config_choices_cover_every_method_and_check_the_permutation_count():
     for name in METHODS:
-        assert tiny_config(f"loss.method={name}").loss.method == name
+        assert tiny_config(f"loss.method={name}").method.name == name
     with pytest.raises(PirlError, match="loss.method"):
         tiny_config("loss.method=colorization")
     for bad in ("loss.permutations=1", "loss.permutations=100001"):
@@ -165,7 +165,7 @@ def test_config_choices_cover_every_method_and_check_the_permutation_count():
             tiny_config("loss.method=jigsaw", bad)
     with pytest.raises(PirlError, match=r"loss.permutations=25.*between 2 and 24"):
         tiny_config("loss.method=jigsaw", "data.grid=2", "data.jigsaw_crop=12", "loss.permutations=25")
-    assert tiny_config("loss.permutations=0").loss.permutations == 0  # ignored by the other methods
+    assert tiny_config("loss.permutations=0").method.permutations == 0  # ignored by the other methods
 
 
 def test_jigsaw_checkpoint_keeps_its_permutations():

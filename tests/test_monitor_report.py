@@ -18,7 +18,7 @@ from pirl.checkpoint import latest_checkpoint, load_checkpoint
 from pirl.cli import main
 from pirl.data.sources import ArraySource, open_source
 from pirl.errors import PirlError
-from pirl.eval.monitor import KnnMonitor, plan_monitor, start_monitor
+from pirl.training.monitor import KnnMonitor, plan_monitor, start_monitor
 from pirl.eval.report import write_report
 from pirl.models.trunk import build_trunk
 from pirl.train import train

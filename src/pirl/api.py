@@ -51,7 +51,7 @@ def _override_strings(overrides: Mapping[str, Any] | Iterable[str] | None) -> li
     return list(overrides)
 
 
-SECTIONS = ("data", "model", "loss", "optim", "train")
+SECTIONS = ("data", "model", "method", "bank", "loss", "optim", "train")
 
 
 def _keyword_overrides(settings: Mapping[str, Any]) -> list[str]:
@@ -87,7 +87,7 @@ def pretrain(config: Config | str | Path | Mapping[str, Any] | None, data: Any, 
     """Pretrain a trunk: the Python form of ``pirl train``.
 
     Config keys can also be given as keywords, the section and the key joined by ``_``:
-    ``pirl.pretrain("cpu-quick", "images/", "runs/a", optim_epochs=5, loss_lam=0.25)``.
+    ``pirl.pretrain("cpu-quick", "images/", "runs/a", optim_epochs=5, method_lam=0.25)``.
 
     ``config``: a preset (``"cpu-quick"``, ``"cifar10-r18"``, ``"imagenet-r50"``), a YAML path, a :class:`Config`
     or a nested dict (None: cpu-quick). ``data``: a folder, an archive, a torchvision dataset name or an
@@ -95,7 +95,7 @@ def pretrain(config: Config | str | Path | Mapping[str, Any] | None, data: Any, 
     its latest checkpoint and its own config (``overrides`` still apply).
     """
     from pirl.checkpoint import load_latest
-    from pirl.train import train
+    from pirl.training import train
 
     overrides = [*_override_strings(overrides), *_keyword_overrides(settings)]
     found = load_latest(out) if resume and Path(out).is_dir() else None

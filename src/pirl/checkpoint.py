@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from pirl.config.legacy import translate_tree
 from pirl.errors import PirlError, WriteError
 
 CHECKPOINT_FORMAT = "pirl-checkpoint-1"
@@ -107,7 +108,7 @@ def _get(tree: Any, dotted: str) -> Any:
 
 
 _CONFIG_FIELDS = {"model.arch": str, "model.stem": str, "data.image_size": int, "data.mean": list,
-                  "data.std": list, "loss.method": str}
+                  "data.std": list, "method.name": str}
 
 
 def _checkpoint_problem(state: dict[str, Any]) -> str | None:
@@ -134,7 +135,7 @@ def _fields_problem(tree: Any, fields: dict[str, type], where: str) -> str | Non
 
 
 def _config_problem(cfg: Any) -> str | None:
-    return _fields_problem(cfg, _CONFIG_FIELDS, " in its config")
+    return _fields_problem(translate_tree(cfg), _CONFIG_FIELDS, " in its config")  # either layout
 
 
 _EXPORT_FIELDS = {"arch": str, "stem": str, "input_size": int, "mean": list, "std": list}
@@ -207,7 +208,7 @@ def export(run_or_checkpoint: str | Path, out_dir: str | Path, format: str = "to
         trunk, meta = load_export(source)
         return _write_export(trunk.state_dict(), meta, Path(out_dir), format)
     _, ckpt = open_checkpoint(run_or_checkpoint)
-    cfg = ckpt["config"]
+    cfg = translate_tree(ckpt["config"])  # the export records the config in the current layout
     weights = {k: v.contiguous() for k, v in trunk_state_dict(ckpt).items()}
     trunk = build_trunk(cfg["model"]["arch"], cfg["model"]["stem"])
     missing, unexpected = trunk.load_state_dict(weights, strict=False)
@@ -222,7 +223,7 @@ def export(run_or_checkpoint: str | Path, out_dir: str | Path, format: str = "to
         "input_size": cfg["data"]["image_size"],
         "mean": cfg["data"]["mean"],
         "std": cfg["data"]["std"],
-        "method": cfg["loss"]["method"],
+        "method": cfg["method"]["name"],
         "epoch": ckpt["epoch"],
         "training_config": cfg,
     }

@@ -44,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if not args.data or not args.out:
         raise PirlError("pirl train needs --data PATH and --out DIR")
-    from pirl.train import train
+    from pirl.training import train
 
     summary = train(cfg, args.data, args.out, resume=args.resume, data_root=args.data_root, download=args.download,
                     val_data=args.val_data, overwrite=args.overwrite)
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="pretrain a trunk with PIRL (or NPID++) on a folder, archive or dataset name",
                        description="Pretrain a ResNet trunk. Config: a preset, then key=value overrides such as "
-                                   "loss.lam=0.5 optim.epochs=100 data.workers=8 (anywhere on the line).")
+                                   "method.lam=0.5 optim.epochs=100 data.workers=8 (anywhere on the line).")
     t.add_argument("--data", help="image folder (class subfolders optional), .tar/.tar.gz/.zip of one, "
                                   "or cifar10 | cifar100 | stl10 | stl10-unlabeled | imagenet")
     t.add_argument("--out", help="run directory: checkpoints, metrics.jsonl, tensorboard/")
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.add_argument("--data-root", help="where torchvision datasets live (for --data cifar10 etc.)")
     t.add_argument("--download", action="store_true", help="download a torchvision dataset if missing")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. loss.negatives=4096")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. bank.negatives=4096")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("export", help="write the trunk as model.safetensors + config.json (torchvision keys)")
@@ -243,8 +243,8 @@ def _cuda_oom(err: BaseException) -> bool:
 def oom_hint(command: str) -> str:
     """What to lower after CUDA ran out of memory, for ``pirl train`` or ``pirl eval``."""
     if command == "train":
-        return ("lower optim.batch_size (global batch), loss.negatives or data.image_size, keep train.amp=true, or "
-                "set loss.bank_dtype=float16 / loss.bank=sharded")
+        return ("lower optim.batch_size (global batch), bank.negatives (loss.negatives in older configs) or "
+                "data.image_size, keep train.amp=true, or set bank.dtype=float16 / bank.kind=sharded")
     return "lower --batch-size (or use --device cpu)"
 
 
@@ -269,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except MemoryError:
-        print("error: out of memory; lower optim.batch_size or loss.negatives", file=sys.stderr)
+        print("error: out of memory; lower optim.batch_size or bank.negatives (loss.negatives in older configs)",
+              file=sys.stderr)
         return 1
     except OSError as err:  # disk full, permission denied, a path too long: the system's words are enough
         where = f": {err.filename}" if err.filename else ""

@@ -27,7 +27,7 @@ DEMO_OVERRIDES = [
     "data.min_size=32", "data.image_size=32", "data.image_scale=[0.5,1.0]", "data.jigsaw_crop=30",
     "data.jigsaw_scale=[0.7,1.0]", "data.patch_size=8", "data.augment=light", "data.workers=1",
     "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]", "data.subset=0",
-    "model.arch=resnet18", "model.stem=imagenet", "loss.negatives=1024",
+    "model.arch=resnet18", "model.stem=imagenet", "bank.negatives=1024",
     "optim.batch_size=64", "optim.base_lr=0.12", "optim.warmup_epochs=0.5", "optim.epochs=12",
 ]
 
@@ -56,7 +56,7 @@ def _scores(trunk: torch.nn.Module, train_src: ArraySource, test_src: ArraySourc
 def run_demo(out: str | None = None, epochs: int | None = None) -> dict[str, dict[str, float]]:
     """Train, then print and return {"random_init": {...}, "pirl": {...}} accuracies on held-out digits
     (only "random_init" when a signal stopped the training)."""
-    from pirl.train import train
+    from pirl.training import train
 
     overrides = DEMO_OVERRIDES + ([f"optim.epochs={epochs}"] if epochs else [])
     cfg = load_config("cpu-quick", overrides)

@@ -17,6 +17,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from pirl.config.legacy import OLD_NAMES, translate_tree
 from pirl.errors import PirlError
 
 LOCK_NAME = ".lock"
@@ -25,7 +26,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "tensorboard", "bad_images.txt")
 
 #: Config keys that may differ on resume: they change neither the model nor the data it is trained on.
 RESUMABLE_KEYS = frozenset({
-    "optim.epochs", "loss.bank", "data.workers", "data.max_bad_fraction", "data.batched_views",
+    "optim.epochs", "bank.kind", "data.workers", "data.max_bad_fraction", "data.batched_views",
     "train.device", "train.amp", "train.channels_last", "train.compile", "train.threads", "train.log_every",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.nonfinite", "train.dist_timeout_s",
     "train.knn_every", "train.knn_max_images",
@@ -139,15 +140,19 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def resume_changes(saved: dict[str, Any], current: dict[str, Any], saved_samples: int | None = None,
                    current_samples: int | None = None) -> dict[str, list[Any]]:
-    """``{key: [saved, now]}`` for the allowed changes; a change to any other key raises one :class:`PirlError`."""
-    old, new = _flatten(saved), _flatten(current)
+    """``{key: [saved, now]}`` for the allowed changes; a change to any other key raises one :class:`PirlError`.
+
+    A config saved in the earlier layout (``loss.method``, ``loss.bank``, ...) is compared in the current one.
+    """
+    old, new = _flatten(translate_tree(saved)), _flatten(translate_tree(current))
     changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
     fixed = [k for k in changed if k not in RESUMABLE_KEYS]
     if saved_samples is not None and current_samples is not None and saved_samples != current_samples:
         fixed.append("dataset size")
         changed["dataset size"] = [saved_samples, current_samples]
     if fixed:
-        what = ", ".join(f"{k} ({changed[k][0]} -> {changed[k][1]})" for k in fixed)
+        what = ", ".join(f"{k} ({changed[k][0]} -> {changed[k][1]}"
+                         + (f"; {OLD_NAMES[k]} in older configs)" if k in OLD_NAMES else ")") for k in fixed)
         raise PirlError(f"--resume: the config differs from the checkpoint's in {what}; these change the model "
                         "or the data, so resume with the saved values or start a new run")
     return changed

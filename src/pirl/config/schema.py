@@ -1,6 +1,7 @@
 """The training configuration: typed dataclasses, one per concern, with checks on values.
 
-Every field can be set in a YAML preset or on the command line as ``section.key=value``.
+Every field can be set in a YAML preset or on the command line as ``section.key=value``. The method's keys
+(``method.*``) and the bank's (``bank.*``) were once in ``loss``; the old names still load (:mod:`pirl.config.legacy`).
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ class ModelConfig:
 
 
 @dataclass
-class LossConfig:
+class MethodConfig:
     # "pirl", "npid" (NPID++, i.e. PIRL with lam = 0 and no transformed branch), or a baseline without a bank:
-    # "jigsaw" (covariant: classify the permutation), "rotation" (covariant: classify the turn), "supervised"
-    method: str = "pirl"
+    # "jigsaw" (covariant: classify the permutation), "rotation" (covariant: classify the turn), "supervised";
+    # the names of pirl.methods.METHODS
+    name: str = "pirl"
     pretext: str = "jigsaw"  # "jigsaw", "rotation" or "jigsaw_rotation"
     lam: float = 0.5  # weight of the transformed-view term; 1 - lam weights the image term
     # Whether the transformed view's forward pass (the patches or the turned image) updates the trunk's BatchNorm
@@ -63,24 +65,32 @@ class LossConfig:
     # patches; false: it still normalises with its own batch statistics, but only the image view's batches move the
     # running estimates that evaluation and export use.
     transformed_bn_stats: bool = True
-    form: str = "infonce"  # "infonce", "npid_nce" (NCE with a frozen Z, as VISSL) or "paper_nce" (Eq. 3-4)
-    temperature: float = 0.07
-    negatives: int = 32000
-    bank_momentum: float = 0.5
-    # "random": uniform rows (the paper, VISSL); "features": each row starts as the untrained network's f of its
-    # un-augmented image (one forward pass over the data), so positives carry signal from the first step
-    bank_init: str = "random"
-    exclude_positive: bool = False  # paper: negatives drawn from D \ {I}; VISSL draws from all of D
-    share_negatives: bool = False  # one negative set per batch instead of one per sample
-    # "replicated": every process holds all N bank rows; "sharded": process r holds a contiguous N / W block
-    # (bank memory per GPU / W; rows are fetched from and updated on their owners, results are the same).
-    bank: str = "replicated"
-    # storage of the bank rows: "float16" halves bank memory (656 MB -> 328 MB for 1.28M images) and the bytes
-    # each gather reads; scores, loss and updates stay float32, cosine scores stay within 5e-4
-    bank_dtype: str = "float32"
-    # method=jigsaw: |T|, the size of the fixed permutation set chosen for maximal Hamming distance (Noroozi &
+    # name=jigsaw: |T|, the size of the fixed permutation set chosen for maximal Hamming distance (Noroozi &
     # Favaro's 1000; at most (data.grid^2)! and 100,000)
     permutations: int = 1000
+
+
+@dataclass
+class BankConfig:
+    # "replicated": every process holds all N bank rows; "sharded": process r holds a contiguous N / W block
+    # (bank memory per GPU / W; rows are fetched from and updated on their owners, results are the same).
+    kind: str = "replicated"
+    negatives: int = 32000
+    momentum: float = 0.5
+    # storage of the bank rows: "float16" halves bank memory (656 MB -> 328 MB for 1.28M images) and the bytes
+    # each gather reads; scores, loss and updates stay float32, cosine scores stay within 5e-4
+    dtype: str = "float32"
+    # "random": uniform rows (the paper, VISSL); "features": each row starts as the untrained network's f of its
+    # un-augmented image (one forward pass over the data), so positives carry signal from the first step
+    init: str = "random"
+    exclude_positive: bool = False  # paper: negatives drawn from D \ {I}; VISSL draws from all of D
+    share_negatives: bool = False  # one negative set per batch instead of one per sample
+
+
+@dataclass
+class LossConfig:
+    form: str = "infonce"  # "infonce", "npid_nce" (NCE with a frozen Z, as VISSL) or "paper_nce" (Eq. 3-4)
+    temperature: float = 0.07
 
 
 @dataclass
@@ -121,6 +131,8 @@ class TrainConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -11,9 +11,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import Sampler
 
-from pirl.bank import mix_seed
 from pirl.data import keys
 from pirl.data.indexed import PlainImages, SourceImages  # noqa: F401  (PlainImages: for the trainer and monitor)
+from pirl.seeding import mix_seed
 
 
 class ViewDataset(SourceImages):

@@ -18,6 +18,8 @@ from tqdm import tqdm
 
 from pirl.cache import used
 from pirl.data.views import eval_transform  # noqa: F401  (re-exported: the view lives in pirl.data)
+from pirl.device import amp_dtype as _autocast_dtype
+from pirl.device import default_device as _default_device
 from pirl.errors import PirlError
 from pirl.safe_io import atomic_write_text, atomic_write_with
 from pirl.models.trunk import STAGES, stage_features
@@ -39,16 +41,6 @@ def pool_stage_map(fmap: torch.Tensor, pooled_dim: int = DEFAULT_POOLED_DIM) -> 
     s = pooled_size(c, pooled_dim)
     # Pooling to a grid larger than the map only duplicates values.
     return torch.flatten(F.adaptive_avg_pool2d(fmap, (min(s, h), min(s, w))), 1)
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def _to(x: Any, device: torch.device) -> Any:

@@ -22,6 +22,8 @@ from tqdm import tqdm
 
 from pirl.data.indexed import SourceImages
 from pirl.data.views import eval_transform
+from pirl.device import amp_dtype, autocast
+from pirl.device import parse_device as resolve_device  # eval.commands checks --device with it
 from pirl.errors import PirlError
 from pirl.eval.features import frozen_batches
 from pirl.models.trunk import feature_dim
@@ -53,23 +55,6 @@ def balanced_subset(labels: Sequence[int], fraction: float, seed: int = 0) -> li
 def train_transform(input_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     return v2.Compose([v2.RandomResizedCrop(input_size, antialias=True), v2.RandomHorizontalFlip(),
                        v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; anything else is a one-line error."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise PirlError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PirlError(f"device {device} requested but CUDA is not available")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise PirlError(f"device {device} requested but only {torch.cuda.device_count()} CUDA devices exist")
-    return dev
 
 
 def default_milestones(epochs: int) -> list[int]:
@@ -129,14 +114,14 @@ def finetune(
     drop_last = len(subset) > batch_size and len(subset) % batch_size == 1
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=drop_last,
                         generator=torch.Generator().manual_seed(seed), pin_memory=dev.type == "cuda")
-    amp = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    amp = amp_dtype(dev, fp16_fallback=False)  # bfloat16 or nothing: this loop has no loss scaler
     losses: list[float] = []
     for _ in tqdm(range(epochs), desc="finetune", disable=not progress, leave=False):
         model.train()
         total, count = 0.0, 0
         for images, targets in loader:
             images, targets = images.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
-            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            with autocast(dev, amp):
                 logits = model(images)
             loss = F.cross_entropy(logits.float(), targets)
             opt.zero_grad(set_to_none=True)

@@ -27,6 +27,7 @@ from torch import nn
 
 from pirl.data.indexed import SourceImages
 from pirl.data.views import eval_transform
+from pirl.device import default_device
 from pirl.errors import PirlError
 from pirl.eval.features import frozen_batches
 from pirl.safe_io import save_figure
@@ -154,7 +155,7 @@ def load_subject(spec: str, space: str = "auto", *, random_init: bool = False, s
 
         _, ckpt = open_checkpoint(path)
         cfg = load_config(None, [], base=ckpt["config"])
-        if cfg.loss.method == "pirl" and cfg.loss.lam > 0:
+        if cfg.method.name == "pirl" and cfg.method.lam > 0:
             method = build_method(cfg, 1)  # one bank row: the bank is not needed here
             state = {k[len("encoder."):]: v for k, v in ckpt["method"].items() if k.startswith("encoder.")}
             try:
@@ -164,10 +165,10 @@ def load_subject(spec: str, space: str = "auto", *, random_init: bool = False, s
                     from None
             d = cfg.data
             return Subject(str(spec), "heads", method.encoder.trunk.eval(), method.encoder.heads.eval(),
-                           cfg.loss.pretext, d.image_size, list(d.mean), list(d.std), d.jigsaw_crop, d.patch_size,
+                           cfg.method.pretext, d.image_size, list(d.mean), list(d.std), d.jigsaw_crop, d.patch_size,
                            d.grid)
         if space == "heads":
-            raise PirlError(f"{spec}: a {cfg.loss.method} run (lam={cfg.loss.lam}) has no trained g head; "
+            raise PirlError(f"{spec}: a {cfg.method.name} run (lam={cfg.method.lam}) has no trained g head; "
                             "use --space trunk")
     elif space == "heads" and not random_init:
         raise PirlError(f"{spec}: --space heads needs a run directory or checkpoint (exports hold the trunk only)")
@@ -179,7 +180,7 @@ def load_subject(spec: str, space: str = "auto", *, random_init: bool = False, s
 def distances(subject: Subject, source: Any, indices: Sequence[int], *, seed: int = 0, batch_size: int = 256,
               workers: int = 0, device: str | torch.device | None = None) -> torch.Tensor:
     """Distances (CPU float32) between the unit-norm representations of each image and its transformed version."""
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device) if device is not None else default_device()
     modules = [m for m in (subject.trunk, subject.heads) if m is not None]
     for m in modules:
         m.to(dev).eval()

@@ -20,6 +20,7 @@ from html import escape
 from pathlib import Path
 from typing import Any, Sequence
 
+from pirl.config.legacy import translate_tree
 from pirl.errors import PirlError
 from pirl.safe_io import atomic_write_text, read_regular
 
@@ -150,10 +151,11 @@ def _get(cfg: dict[str, Any], dotted: str) -> Any:
 
 
 def _method(cfg: dict[str, Any]) -> str | None:
-    method = _get(cfg, "loss.method")
+    cfg = translate_tree(cfg)  # a run of the earlier layout too
+    method = _get(cfg, "method.name")
     if method is None:
         return None
-    extras = [f"pretext {_get(cfg, 'loss.pretext')}"] if method == "pirl" and _get(cfg, "loss.pretext") else []
+    extras = [f"pretext {_get(cfg, 'method.pretext')}"] if method == "pirl" and _get(cfg, "method.pretext") else []
     if _get(cfg, "loss.form"):
         extras.append(str(_get(cfg, "loss.form")))
     return f"{method} ({', '.join(extras)})" if extras else str(method)
@@ -161,7 +163,7 @@ def _method(cfg: dict[str, Any]) -> str | None:
 
 def summary_rows(run: Run) -> dict[str, str]:
     """The config summary and how far the run got, as display strings ("" when unknown)."""
-    cfg = run.config
+    cfg = translate_tree(run.config)  # a run of the earlier layout too
     arch, stem = _get(cfg, "model.arch"), _get(cfg, "model.stem")
     done = max((r.get("epoch", 0) for r in run.epochs), default=None)
     last_knn = run.evals_online[-1] if run.evals_online else None
@@ -173,7 +175,7 @@ def summary_rows(run: Run) -> dict[str, str]:
         "batch": _get(cfg, "optim.batch_size"),
         "image size": _get(cfg, "data.image_size"),
         "base lr": _get(cfg, "optim.base_lr"),
-        "negatives": _get(cfg, "loss.negatives"),
+        "negatives": _get(cfg, "bank.negatives"),
         "temperature": _get(cfg, "loss.temperature"),
         "seed": _get(cfg, "train.seed"),
         "data": run.meta.get("data"),

@@ -1,4 +1,7 @@
-"""Methods on a shared base: each is one short file. ``build_method`` picks one from ``cfg.loss.method``.
+"""Methods on a shared base: each is one short file. ``build_method`` picks one from ``cfg.method.name``.
+
+:data:`METHODS` is the registry: the names ``method.name`` takes, each with its class, which also checks the
+``method.*`` keys (``validate``).
 
 PIRL and NPID++ learn against a memory bank (:class:`Method`); the baselines Jigsaw, Rotation (covariant
 pretext tasks) and Supervised are classifiers without one (:class:`BaseMethod`).
@@ -18,8 +21,8 @@ METHODS: dict[str, type[BaseMethod]] = {"pirl": PIRL, "npid": NPID, "jigsaw": Ji
 
 
 def build_method(cfg: Config, num_samples: int, source=None) -> BaseMethod:
-    """The method of ``cfg.loss.method``; given the training ``source``, a method may read it (Supervised: labels)."""
-    cls = METHODS[cfg.loss.method]
+    """The method of ``cfg.method.name``; given the training ``source``, a method may read it (Supervised: labels)."""
+    cls = METHODS[cfg.method.name]
     return cls(cfg, num_samples) if source is None else cls.from_source(cfg, num_samples, source)
 
 

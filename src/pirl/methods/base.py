@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pirl import losses
-from pirl.bank import MemoryBank, build_bank
+from pirl.bank.build import build_bank
+from pirl.bank.replicated import MemoryBank
+from pirl.config.checks import check, choice
 from pirl.config.schema import Config
 from pirl.data.views import PirlViews
 from pirl.models.trunk import build_trunk, feature_dim
@@ -105,6 +107,15 @@ class BaseMethod(nn.Module):
 
     name = "base"
     pretext: str | None = None
+    PRETEXTS = ("jigsaw", "rotation", "jigsaw_rotation")
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        """Check the ``method.*`` keys (config loading calls this on the chosen method's class). Every method checks
+        the shared ones, whether it reads them or not; a method with keys of its own extends this."""
+        mc = cfg.method
+        choice("method.pretext", mc.pretext, cls.PRETEXTS)
+        check(0 <= mc.lam <= 1, "method.lam", mc.lam, "must be in [0, 1]")
 
     def __init__(self, cfg: Config, num_samples: int) -> None:
         super().__init__()
@@ -154,23 +165,23 @@ class Method(BaseMethod):
 
     def __init__(self, cfg: Config, num_samples: int) -> None:
         super().__init__(cfg, num_samples)
-        self.bank = build_bank(cfg.loss.bank, num_samples, cfg.model.embed_dim, cfg.loss.bank_momentum,
-                               cfg.train.seed, cfg.loss.bank_dtype)
+        self.bank = build_bank(cfg.bank.kind, num_samples, cfg.model.embed_dim, cfg.bank.momentum,
+                               cfg.train.seed, cfg.bank.dtype)
         self.criterion = BankLoss(cfg.loss.form, cfg.loss.temperature, num_samples)
 
     def bank_loss(self, emb: torch.Tensor, indices: torch.Tensor, step: int, term: int) -> torch.Tensor:
         """Loss of unit-norm embeddings against their bank rows and freshly drawn negatives (one draw per term)."""
-        lc = self.cfg.loss
-        k = min(lc.negatives, self.num_samples - 1 if lc.exclude_positive else self.num_samples)
-        negatives = self.bank.sample_negatives(indices, k, step, term, shared=lc.share_negatives,
-                                               exclude_positive=lc.exclude_positive,
+        bc = self.cfg.bank
+        k = min(bc.negatives, self.num_samples - 1 if bc.exclude_positive else self.num_samples)
+        negatives = self.bank.sample_negatives(indices, k, step, term, shared=bc.share_negatives,
+                                               exclude_positive=bc.exclude_positive,
                                                global_batch=self.global_batch, offset=self.batch_offset)
         with torch.autocast(device_type=emb.device.type, enabled=False):  # the loss maths stays in fp32
             return self.criterion(self.bank.score(emb.float(), indices, negatives))
 
     @torch.no_grad()
     def init_bank_from_features(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """``loss.bank_init=features``: set each row to the untrained network's f of its un-augmented image.
+        """``bank.init=features``: set each row to the untrained network's f of its un-augmented image.
 
         ``batches`` yields (images, row indices); under torch.distributed every process must yield the same
         number of equally sized batches (the update all-gathers them, so each process can embed a slice).

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pirl.data import keys
+from pirl.config.checks import check
 from pirl.data.views import PirlViews
 from pirl.errors import PirlError
 from pirl.methods.base import BaseMethod, StepOutput, classification
@@ -35,7 +36,7 @@ def _hamming_permutations(count: int, n: int, seed: int) -> np.ndarray:
         pool = max(POOL, 4 * count)
         cands = np.unique(torch.rand(pool, n, generator=gen).argsort(1).numpy().astype(np.uint8), axis=0)
     if count > len(cands):
-        raise PirlError(f"loss.permutations={count}: only {len(cands)} permutations of {n} patches to choose from")
+        raise PirlError(f"method.permutations={count}: only {len(cands)} permutations of {n} patches to choose from")
     # matches[i][v]: which candidates put patch v at position i; the distance to p is n - sum_i matches[i][p[i]].
     # uint8 columns keep each of the |T| passes over the candidates cheap (1000 of 9! take about a second).
     matches = [[(cands[:, i] == v).view(np.uint8) for v in range(n)] for i in range(n)]
@@ -85,14 +86,22 @@ class Jigsaw(BaseMethod):
     name = "jigsaw"
     pretext = "jigsaw"
 
+    @classmethod
+    def validate(cls, cfg) -> None:
+        """The shared ``method.*`` keys, and ``method.permutations`` against the number of patches."""
+        super().validate(cfg)
+        grid, count = cfg.data.grid, cfg.method.permutations
+        most = min(math.factorial(min(grid ** 2, 10)), 100_000)  # 10! already exceeds the cap
+        check(2 <= count <= most, "method.permutations", count, f"must be between 2 and {most:,} for data.grid={grid}")
+
     def __init__(self, cfg, num_samples: int) -> None:
         super().__init__(cfg, num_samples)
         # A plain CPU tensor, not a buffer: the data views read it, and it stays on the CPU when the model moves.
-        self.permutations = hamming_permutations(cfg.loss.permutations, cfg.data.grid ** 2)
+        self.permutations = hamming_permutations(cfg.method.permutations, cfg.data.grid ** 2)
 
     def build_heads(self, in_dim: int) -> dict[str, nn.Module]:
         m = self.cfg.model
-        return {"jigsaw": PermutationHead(in_dim, m.embed_dim, self.cfg.data.grid ** 2, self.cfg.loss.permutations,
+        return {"jigsaw": PermutationHead(in_dim, m.embed_dim, self.cfg.data.grid ** 2, self.cfg.method.permutations,
                                           m.head == "mlp", m.mlp_hidden)}
 
     def views(self) -> PirlViews:
@@ -109,7 +118,7 @@ class Jigsaw(BaseMethod):
     def set_extra_state(self, state: torch.Tensor) -> None:
         if tuple(state.shape) != tuple(self.permutations.shape):
             raise PirlError(f"the checkpoint's jigsaw has {state.shape[0]} permutations of {state.shape[1]} patches; "
-                            f"this config has loss.permutations={self.permutations.shape[0]}, "
+                            f"this config has method.permutations={self.permutations.shape[0]}, "
                             f"data.grid={math.isqrt(self.permutations.shape[1])}")
         # In place: the views built before a resume hold this very tensor.
         self.permutations.copy_(state)

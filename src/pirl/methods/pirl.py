@@ -15,7 +15,7 @@ class PIRL(Method):
     name = "pirl"
 
     def __init__(self, cfg, num_samples: int) -> None:
-        self.pretext = cfg.loss.pretext
+        self.pretext = cfg.method.pretext
         super().__init__(cfg, num_samples)
 
     def build_heads(self, in_dim: int) -> dict[str, nn.Module]:
@@ -34,11 +34,11 @@ class PIRL(Method):
 
     def training_step(self, batch, step, encoder=None) -> StepOutput:
         encoder = encoder or self.encoder
-        lam, idx = self.cfg.loss.lam, batch[keys.INDEX]
+        lam, idx = self.cfg.method.lam, batch[keys.INDEX]
         # The transformed view goes first, as in VISSL (it sets the order of the BatchNorm running-stat updates).
         inputs = {"g": self.transformed_input(batch)} if lam > 0 else {}
         inputs["f"] = batch[keys.IMAGE]
-        keep = frozenset() if self.cfg.loss.transformed_bn_stats else frozenset({"g"})
+        keep = frozenset() if self.cfg.method.transformed_bn_stats else frozenset({"g"})
         emb = encoder(inputs, keep_bn_stats=keep) if keep else encoder(inputs)
         e_img = unit(emb["f"])
         loss_img = self.bank_loss(e_img, idx, step, term=1)

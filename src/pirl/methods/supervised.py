@@ -16,7 +16,7 @@ class Supervised(BaseMethod):
 
     def __init__(self, cfg, num_samples: int, num_classes: int = 0) -> None:
         if num_classes < 2:
-            raise PirlError(f"loss.method=supervised needs labelled images of at least 2 classes; got {num_classes}")
+            raise PirlError(f"method.name=supervised needs labelled images of at least 2 classes; got {num_classes}")
         self.num_classes = num_classes
         super().__init__(cfg, num_samples)
 
@@ -24,7 +24,7 @@ class Supervised(BaseMethod):
     def from_source(cls, cfg, num_samples: int, source) -> "Supervised":
         labels = source.labels
         if labels is None or max(labels, default=-1) < 0:
-            raise PirlError(f"loss.method=supervised needs labelled images, and {source.name} has no labels "
+            raise PirlError(f"method.name=supervised needs labelled images, and {source.name} has no labels "
                             "(a folder needs one subfolder per class)")
         return cls(cfg, num_samples, max(max(labels) + 1, source.num_classes))
 
@@ -36,5 +36,5 @@ class Supervised(BaseMethod):
         labels = batch[keys.LABEL]
         if bool((labels < 0).any()):  # a partly labelled source: say so rather than fail inside cross_entropy
             index = int(batch[keys.INDEX][labels < 0][0])
-            raise PirlError(f"loss.method=supervised: training image {index} has no label; every image needs one")
+            raise PirlError(f"method.name=supervised: training image {index} has no label; every image needs one")
         return classification(encoder({"classifier": batch[keys.IMAGE]})["classifier"], labels)

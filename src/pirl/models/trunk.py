@@ -12,15 +12,9 @@ import torchvision
 from torch import nn
 
 from pirl.errors import PirlError
+from pirl.models.archs import ARCHS, STAGES, STEMS, TIMM_PREFIX, is_timm_arch
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2")
-STEMS = ("imagenet", "cifar")
-STAGES = ("conv1", "res2", "res3", "res4", "res5")
-TIMM_PREFIX = "timm:"
-
-
-def is_timm_arch(arch: str) -> bool:
-    return arch.startswith(TIMM_PREFIX) and len(arch) > len(TIMM_PREFIX)
+__all__ = ["ARCHS", "STAGES", "STEMS", "TIMM_PREFIX", "build_trunk", "feature_dim", "is_timm_arch", "stage_features"]
 
 
 def _timm_trunk(name: str) -> nn.Module:

@@ -1,36 +1,31 @@
-"""The memory bank: one unit vector per training image, an EMA of its image embedding f.
+"""The replicated memory bank: one unit vector per training image, an EMA of its image embedding f.
 
 Negatives are drawn uniformly with replacement (optionally excluding the positive) from a generator reseeded
 from ``(seed, step, term)``, so the draw depends on neither the process count nor where a run was resumed.
 Under ``torch.distributed`` every rank holds the full bank and applies the same all-gathered update, so the
-replicas stay identical; :mod:`pirl.bank_sharded` splits the rows across ranks instead (``loss.bank=sharded``).
+replicas stay identical; :mod:`pirl.bank.sharded` splits the rows across ranks instead (``bank.kind=sharded``).
 """
 
 from __future__ import annotations
-
-import hashlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pirl.collectives import all_gather_nograd
-from pirl.collectives import distributed as _distributed
+from pirl.bank.kinds import BANK_DTYPE_NAMES
+from pirl.bank.scoring import dense_scores, gathered_scores
+from pirl.distributed.collectives import all_gather_nograd
+from pirl.distributed.collectives import distributed as _distributed
+from pirl.seeding import mix_seed
 
-BANK_KINDS = ("replicated", "sharded")
-# Storage of the rows (``loss.bank_dtype``). float16 halves the bank's memory and the bytes each gather reads;
+# Storage of the rows (``bank.dtype``). float16 halves the bank's memory and the bytes each gather reads;
 # unit vectors lose nothing that matters in it (cosine scores within 5e-4 of float32 ones, tests/test_bank.py),
 # and every score, loss and update is still computed in float32.
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+assert tuple(BANK_DTYPES) == BANK_DTYPE_NAMES
 # Initial rows are drawn in blocks of this many rows, each from its own seed, so that a rank can draw the rows
 # it owns without drawing (and holding) the whole bank.
 INIT_BLOCK = 1 << 16
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers: different tuples give unrelated streams."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def initial_rows(num_samples: int, dim: int, seed: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -127,98 +122,3 @@ class MemoryBank(nn.Module):
         """``m <- normalize(momentum * m + (1 - momentum) * f)`` for the rows ``rows`` of this process's buffer."""
         mixed = self.momentum * self.memory[rows].float() + (1 - self.momentum) * emb
         self.memory.index_copy_(0, rows, F.normalize(mixed, dim=1).to(self.memory.dtype))
-
-
-# Rows per piece of the CPU gather: 2 MB of fp32 rows at D = 128, which stays in a core's cache.
-GATHER_PIECE = 4096
-
-
-class _GatheredScores(torch.autograd.Function):
-    """``s[b, k] = memory[negatives[b, k]] . emb[b]`` without keeping the B x K x D gathered rows.
-
-    Forward copies the rows piece by piece into one small reused buffer and scores each piece while it is in
-    cache: on the CPU a fresh B x K x D tensor (134 MB at B = 64, K = 4,096) costs more in page faults than the
-    copy itself, and it was read twice more (product, backward). Backward is one fused ``embedding_bag``:
-    ``d emb[b] = sum_k grad[b, k] memory[negatives[b, k]]`` (for a float16 bank on the CPU, the pieces again,
-    widened: the CPU kernel would sum in float16). The bank gets no gradient; saving it lets autograd
-    refuse a backward after the bank was updated in place.
-    """
-
-    @staticmethod
-    def forward(ctx, emb: torch.Tensor, memory: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-        batch, k = negatives.shape
-        ctx.save_for_backward(memory, negatives)
-        if emb.device.type != "cpu":  # one gather and one product: the allocator caches, the launches count
-            rows = memory.index_select(0, negatives.reshape(-1)).view(batch, k, -1)
-            return torch.bmm(rows.to(emb.dtype), emb.unsqueeze(2)).squeeze(2)
-        scores = emb.new_empty(batch, k)
-        for b, start, rows in _pieces(memory, negatives, emb.dtype):
-            torch.mv(rows, emb[b], out=scores[b, start:start + len(rows)])
-        return scores
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        memory, negatives = ctx.saved_tensors
-        batch, k = negatives.shape
-        grad = grad.contiguous()
-        if memory.dtype == grad.dtype or grad.device.type != "cpu":  # CUDA's embedding_bag sums in float32
-            offsets = torch.arange(0, batch * k, k, device=negatives.device)
-            # weights in the bank's dtype: a float16 bank gets each row scaled to a largest |weight| of 1,
-            # which keeps the small ones (about 1 / K each) out of float16's subnormal range
-            weights, scale = grad, None
-            if memory.dtype != grad.dtype:
-                scale = grad.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-                weights = (grad / scale).to(memory.dtype)
-            grad_emb = F.embedding_bag(negatives.reshape(-1), memory, offsets, mode="sum",
-                                       per_sample_weights=weights.reshape(-1)).to(grad.dtype)
-            return (grad_emb if scale is None else grad_emb * scale), None, None
-        # a float16 bank on the CPU, whose embedding_bag would sum in float16: widen the rows piece by piece
-        grad_emb = grad.new_zeros(batch, memory.shape[1])
-        for b, start, rows in _pieces(memory, negatives, grad.dtype):
-            grad_emb[b].addmv_(rows.T, grad[b, start:start + len(rows)])
-        return grad_emb, None, None
-
-
-def _pieces(memory: torch.Tensor, negatives: torch.Tensor, dtype: torch.dtype):
-    """(sample, first column, rows) for pieces of at most GATHER_PIECE rows of ``memory[negatives[b]]``, copied
-    into one reused buffer (widened to ``dtype`` through a second one when the bank is stored narrower)."""
-    batch, k = negatives.shape
-    piece = min(k, GATHER_PIECE)
-    buffer = memory.new_empty(piece, memory.shape[1])
-    widened = buffer if memory.dtype == dtype else buffer.new_empty(piece, memory.shape[1], dtype=dtype)
-    for b in range(batch):
-        for start in range(0, k, piece):
-            stop = min(start + piece, k)
-            rows = buffer[:stop - start]
-            torch.index_select(memory, 0, negatives[b, start:stop], out=rows)
-            if widened is not buffer:
-                rows = widened[:stop - start].copy_(rows)
-            yield b, start, rows
-
-
-def dense_scores(emb: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """Scores (B, N) of float32 embeddings against every bank row; a float16 bank is widened for the product
-    on the CPU (no fast half matmul there) and multiplied in half precision, accumulating in float32, on a GPU."""
-    if memory.dtype == emb.dtype:
-        return emb @ memory.T
-    if emb.device.type == "cpu":
-        return emb @ memory.float().T
-    return (emb.to(memory.dtype) @ memory.T).float()
-
-
-def gathered_scores(emb: torch.Tensor, memory: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-    """Scores (B, K) of embeddings ``emb`` (B, D) against their own rows ``memory[negatives]`` (``negatives``: B x K)."""
-    return _GatheredScores.apply(emb, memory, negatives)
-
-
-def build_bank(kind: str, num_samples: int, dim: int = 128, momentum: float = 0.5, seed: int = 0,
-               dtype: str = "float32") -> MemoryBank:
-    """``kind``: "replicated" (every rank holds all N rows) or "sharded" (rank r holds a contiguous N/W block);
-    ``dtype``: the rows' storage, "float32" or "float16"."""
-    if kind == "sharded":
-        from pirl.bank_sharded import ShardedMemoryBank
-
-        return ShardedMemoryBank(num_samples, dim, momentum, seed, dtype=dtype)
-    if kind != "replicated":
-        raise ValueError(f"unknown bank kind {kind!r}; choose one of {', '.join(BANK_KINDS)}")
-    return MemoryBank(num_samples, dim, momentum, seed, dtype)

@@ -12,7 +12,6 @@ heartbeat after every batch, so no single wait comes near ``train.dist_timeout_s
 
 from __future__ import annotations
 
-import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,9 +26,11 @@ from torch.utils.data import DataLoader
 from pirl.config.schema import Config
 from pirl.data.dataset import PlainImages
 from pirl.data.sources import FolderSource, ImageSource, TorchvisionSource, open_source
+from pirl.device import amp_dtype, autocast
 from pirl.errors import PirlError
 from pirl.eval.features import eval_transform
 from pirl.eval.knn import knn_accuracies
+from pirl.training.signals import worker_init
 
 KS = (20, 200)
 TEMPERATURE = 0.07
@@ -129,12 +130,6 @@ def plan_monitor(cfg: Config, source: ImageSource, data: str | None = None,
     return MonitorPlan(val, False, None, "--val-data images", "held-out --val-data images")
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer decides when to stop
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def _sample(pool: np.ndarray, size: int, gen: torch.Generator) -> np.ndarray:
     """A seeded random subset of ``pool`` (sorted, for locality on disk)."""
     if len(pool) <= size:
@@ -177,8 +172,7 @@ class KnnMonitor:
         self.batch_size = max(1, cfg.optim.batch_size // world)  # fits: training holds more per image
         self.workers = cfg.data.workers
         use_cuda = device.type == "cuda"
-        self.amp_dtype = ((torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-                          if use_cuda and cfg.train.amp else None)
+        self.amp_dtype = amp_dtype(device) if cfg.train.amp else None
         self.rng_devices = [torch.cuda.current_device() if device.index is None else device.index] if use_cuda else []
         # NCCL only moves CUDA tensors; gloo takes CPU ones
         self.comm_device = device if world > 1 and dist.get_backend() == "nccl" else torch.device("cpu")
@@ -225,11 +219,11 @@ class KnnMonitor:
     def _features(self, trunk: nn.Module, source: ImageSource, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         loader = DataLoader(PlainImages(source, indices, self.transform, self.size), batch_size=self.batch_size,
                             num_workers=self.workers, pin_memory=self.device.type == "cuda",
-                            worker_init_fn=_worker_init)
+                            worker_init_fn=worker_init)  # the trainer decides when to stop
         feats, oks = [], []
         with torch.no_grad():
             for images, ok in loader:
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                with autocast(self.device, self.amp_dtype):
                     out = trunk(images.to(self.device, non_blocking=True))
                 feats.append(torch.flatten(out, 1).float())
                 oks.append(ok)
