@@ -88,8 +88,8 @@ def test_unknown_recipe_is_a_value_error_in_both_pipelines():
 
 def test_the_views_and_the_evaluators_keep_to_their_layers():
     """The data pipeline loads without the memory bank, and no evaluation loads the trainer."""
-    code = ("import sys, pirl.data.views, pirl.data.batched, pirl.data.indexed, pirl.data.sources, pirl.data.keys; "
+    code = ("import sys, pirl.data.views, pirl.data.batched, pirl.data.indexed, pirl.data.sources, pirl.data.keys, pirl.data.dataset; "
             "bank = 'pirl.bank' in sys.modules; "
             "import pirl.eval.commands, pirl.eval.features, pirl.eval.invariance, pirl.eval.finetune; "
-            "sys.exit(2 * bank + ('pirl.train' in sys.modules))")
+            "sys.exit(2 * bank + ('pirl.training' in sys.modules or 'pirl.train' in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
