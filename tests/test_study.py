@@ -48,7 +48,7 @@ def test_reproduce_smoke_appends_each_run_and_skips_it_next_time(tmp_path):
     for key in ("knn_k20", "knn_k200", "linear", "linear_best"):
         assert 0.0 <= pirl[key] <= 1.0 and 0.0 <= rows["main-random"][key] <= 1.0
     assert Path(pirl["export"], "model.safetensors").is_file()
-    assert results["testbed"]["smoke"] is True and results["testbed"]["epochs"] == 12
+    assert results["testbed"]["smoke"] is True and results["testbed"]["epochs"] == 10
     page = (tmp_path / "reproduction.html").read_text()
     assert "main-pirl-s0" in page and "data:image/png;base64," in page
     # a second call finds both runs done: nothing is trained or evaluated again
