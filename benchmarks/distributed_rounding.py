@@ -1,4 +1,4 @@
-"""Is a 1-process / 2-process difference rounding? The recipe of tests/test_distributed.py, with the paper's plain
+"""Is a 1-process / 2-process difference rounding? The recipe of tests/integration/test_distributed.py, with the paper's plain
 heads and with cpu-quick's ``model.head_bn=true``: 2 processes (torchrun, gloo, sync_bn) against 1, and, as the
 yardstick of pure rounding, 1 process with 1 thread against 1 process with 2 threads (another summation order).
 Prints one JSON line per (heads, comparison): the relative loss difference per step and the largest bank difference.
@@ -19,10 +19,11 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "integration")]
+from helpers import tiny_config  # noqa: E402
+from test_distributed import OPTS, _losses, _state  # noqa: E402
+
 from pirl.training import setup_distributed, train  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
-from tests.test_distributed import OPTS, _losses, _state  # noqa: E402
 
 
 def options(head_bn: str, *extra: str) -> list[str]:

@@ -94,7 +94,7 @@ def stage_env(log_dir: Path) -> dict:
 
 def stage_cuda_tests(log_dir: Path, limit: float) -> dict:
     xml = log_dir / "cuda_tests.xml"
-    result = run_stage("cuda_tests", [PY, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py", "-p",
+    result = run_stage("cuda_tests", [PY, "-m", "pytest", "-q", "-m", "cuda", "tests/integration/test_cuda.py", "-p",
                                       "no:cacheprovider", f"--junitxml={xml}", "-rA"], limit, log_dir)
     if xml.is_file():
         import xml.etree.ElementTree as ET

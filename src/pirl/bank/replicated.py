@@ -19,7 +19,7 @@ from pirl.distributed.collectives import distributed as _distributed
 from pirl.seeding import mix_seed
 
 # Storage of the rows (``bank.dtype``). float16 halves the bank's memory and the bytes each gather reads;
-# unit vectors lose nothing that matters in it (cosine scores within 5e-4 of float32 ones, tests/test_bank.py),
+# unit vectors lose nothing that matters in it (cosine scores within 5e-4 of float32 ones, tests/unit/bank/test_bank.py),
 # and every score, loss and update is still computed in float32.
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 assert tuple(BANK_DTYPES) == BANK_DTYPE_NAMES

@@ -22,7 +22,7 @@ from pirl.training.monitor import KnnMonitor, plan_monitor, start_monitor
 from pirl.eval.report import write_report
 from pirl.models.trunk import build_trunk
 from pirl.train import train
-from tests.conftest import TINY, random_source, tiny_config
+from helpers import TINY, random_source, tiny_config
 
 
 def _coloured(n: int = 32, classes: int = 2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -12,9 +12,8 @@ import pirl
 from pirl.cli import main, oom_hint
 from pirl.config import load_config
 from pirl.errors import PirlError
-from tests.conftest import TINY
+from helpers import REPO_ROOT, TINY
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_version_prints_the_package_version(capsys):
@@ -65,7 +64,7 @@ def test_gpu_presets_make_the_views_on_the_device(preset):
 
 
 def test_slurm_example_sets_only_keys_that_exist():
-    text = (ROOT / "examples" / "slurm" / "pirl_multinode.sbatch").read_text()
+    text = (REPO_ROOT / "examples" / "slurm" / "pirl_multinode.sbatch").read_text()
     keys = set(re.findall(r"\b((?:data|model|loss|optim|train)\.\w+)=([\w.]+)", text))
     assert keys, "the example shows overrides"
     for key, value in keys:

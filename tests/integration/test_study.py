@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "reproduce.py"
+from helpers import REPO_ROOT
+
+SCRIPT = REPO_ROOT / "experiments" / "reproduce.py"
 CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
 
 

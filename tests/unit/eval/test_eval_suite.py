@@ -24,7 +24,7 @@ from pirl.eval import lowshot as ls
 from pirl.eval import retrieval as rt
 from pirl.methods import build_method
 from pirl.models.trunk import build_trunk
-from tests.conftest import tiny_config
+from helpers import tiny_config
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 

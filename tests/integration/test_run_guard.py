@@ -26,7 +26,7 @@ from pirl.data.archive import extract_archive
 from pirl.errors import PirlError, WriteError
 from pirl.run_dir import LOCK_NAME, RunLock
 from pirl.train import train
-from tests.conftest import TINY, random_source, tiny_config
+from helpers import TINY, random_source, tiny_config
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,7 @@ from pirl.data.batched import BatchedViews
 from pirl.eval.knn import knn_accuracies
 from pirl.methods import build_method
 from pirl.models.trunk import build_trunk
-from tests.conftest import TINY, tiny_config
+from helpers import TINY, tiny_config
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from tests.conftest import TINY
+from helpers import TINY
 
 
 def _folder(root, classes=2, per_class=12, size=16):

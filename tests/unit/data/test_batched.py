@@ -12,7 +12,7 @@ from pirl.config import load_config
 from pirl.data.batched import BatchedViews, DecodeResize, _color_jitter, _Draws, _hue, _jitter_draws, decode_size
 from pirl.data.views import PirlViews
 from pirl.errors import PirlError
-from tests.conftest import random_source, tiny_config
+from helpers import random_source, tiny_config
 
 PLAIN = ["data.augment=none", "data.mean=[0,0,0]", "data.std=[1,1,1]"]
 

@@ -23,7 +23,7 @@ from pirl.eval.report import load_run
 from pirl.models.trunk import build_trunk
 from pirl.safe_io import atomic_write_text, open_append, read_regular
 from pirl.errors import PirlError
-from tests.conftest import TINY
+from helpers import TINY
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
@@ -307,7 +307,7 @@ def test_malformed_checkpoint_is_one_line(tmp_path, capsys, state, message) -> N
 
 
 def test_checkpoint_whose_trunk_does_not_fit_is_one_line(tmp_path, capsys) -> None:
-    from tests.conftest import tiny_config
+    from helpers import tiny_config
     from pirl.config import config_to_dict
 
     data = _colour_folder(tmp_path / "data", {"a": 0, "b": 1}, per_class=2)

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+from helpers import REPO_ROOT
+
+SRC = REPO_ROOT / "src"
 
 
 def module_files(src: Path, top: str = "pirl") -> dict[str, Path]:

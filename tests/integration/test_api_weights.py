@@ -19,9 +19,8 @@ from pirl.cli import main
 from pirl.methods import build_method
 from pirl.models.trunk import build_trunk
 
-from conftest import TINY, random_source, tiny_config
+from helpers import REPO_ROOT, TINY, random_source, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _same_weights(a: dict, b: dict) -> None:
@@ -74,7 +73,7 @@ def test_public_names_resolve_and_import_is_lazy():
     import subprocess
 
     code = "import sys, pirl; print('torch' in sys.modules)"
-    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": str(REPO_ROOT / "src"), "PATH": "/usr/bin:/bin"}
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout == "False\n"
 
 
@@ -104,7 +103,7 @@ def test_pretrain_result_export_and_load_model_round_trip(trained):
 
 def test_examples_run_on_tiny_data(folder, tmp_path, monkeypatch):
     def load(name):
-        spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
@@ -115,7 +114,7 @@ def test_examples_run_on_tiny_data(folder, tmp_path, monkeypatch):
     assert 0 <= result["knn_top1"] <= 1 and (tmp_path / "py" / "export" / "model.safetensors").is_file()
     losses = load("pirl_in_your_loop").main([str(folder), "--epochs", "1", "--size", "32"])
     assert len(losses) == 3 and all(np.isfinite(losses))
-    assert (ROOT / "examples" / "pirl_in_your_loop.py").read_text().count("\n") < 100
+    assert (REPO_ROOT / "examples" / "pirl_in_your_loop.py").read_text().count("\n") < 100
 
 
 # --- 2. weights in ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from PIL import Image
 
 from pirl.config import config_to_dict
 from pirl.eval.report import collect_probes, headline_table, load_run, probe_png, seed_groups, write_report
-from tests.conftest import tiny_config
+from helpers import tiny_config
 
 STAGES = ("conv1", "res2", "res3", "res4", "res5", "pool")
 

@@ -19,7 +19,7 @@ from pirl.errors import PirlError
 from pirl.methods import METHODS, Jigsaw, Supervised, build_method, hamming_permutations
 from pirl.methods.rotation import rotate_all
 from pirl.train import train
-from tests.conftest import random_source, tiny_config
+from helpers import random_source, tiny_config
 
 BASELINES = ("jigsaw", "rotation", "supervised")
 

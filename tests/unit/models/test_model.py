@@ -5,7 +5,7 @@ import torchvision
 from pirl.methods import NPID, PIRL, build_method
 from pirl.models.heads import ImageHead, JigsawHead
 from pirl.models.trunk import build_trunk, feature_dim, stage_features
-from tests.conftest import tiny_config
+from helpers import tiny_config
 
 
 @pytest.mark.parametrize("mlp", [False, True])

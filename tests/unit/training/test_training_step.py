@@ -8,11 +8,10 @@ from pathlib import Path
 
 import torch
 
-from conftest import tiny_config
+from helpers import REPO_ROOT, tiny_config
 from pirl.methods import build_method
 from pirl.training.step import TrainStep
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _batch(n: int = 8, size: int = 16, patch: int = 4) -> dict[str, torch.Tensor]:
@@ -53,7 +52,7 @@ def test_a_nonfinite_loss_skips_the_step_and_drops_the_gradients(monkeypatch):
 
 
 def test_the_step_benchmark_runs_the_trainers_step(monkeypatch):
-    spec = importlib.util.spec_from_file_location("step_benchmark", ROOT / "benchmarks" / "step.py")
+    spec = importlib.util.spec_from_file_location("step_benchmark", REPO_ROOT / "benchmarks" / "step.py")
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "step_benchmark", bench)
     spec.loader.exec_module(bench)

@@ -25,7 +25,7 @@ from pirl.data.images import load_rgb
 from pirl.errors import PirlError
 from pirl.methods.pirl import PIRL
 from pirl.train import RunLog, train
-from tests.conftest import TINY, random_source, tiny_config
+from helpers import TINY, random_source, tiny_config
 
 
 # One torch thread: these runs are tiny, and two threads spin badly when the cores are shared.

@@ -30,9 +30,11 @@ from pirl.bank_sharded import ShardedMemoryBank
 from pirl.checkpoint import list_checkpoints, load_checkpoint
 from pirl.sync_bn import convert_sync_batchnorm
 from pirl.train import setup_distributed, train
-from tests.conftest import tiny_config
+from helpers import REPO_ROOT, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
+# the workers run this file as a script: they find the helpers (and the source tree of a checkout) on this path
+TESTS_PATH = os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")])
+
 # 16 images, global batch 8: 2 steps per epoch, 2 epochs. A constant learning rate (final_lr_ratio=1), so that a
 # 1-epoch prefix of a 2-epoch run is a run of its own; a gentle one, so that rounding grows slowly.
 # The small-image stem keeps feature maps above 1x1, where BatchNorm over a few values amplifies rounding most.
@@ -156,8 +158,8 @@ def runs(tmp_path_factory) -> Path:
     finally:
         torch.set_num_threads(threads)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "tests.test_distributed", str(work)], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                             __file__, str(work)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": TESTS_PATH})
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return work
 

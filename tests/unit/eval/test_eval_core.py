@@ -241,7 +241,7 @@ def test_source_images_at_indices_and_plain_images_blank_for_undecodable() -> No
     from pirl.data.images import BadImageError
     from pirl.data.indexed import PlainImages, SourceImages
     from pirl.data.views import eval_transform as home
-    from tests.conftest import random_source
+    from helpers import random_source
 
     assert eval_transform is home  # the view lives in pirl.data; pirl.eval.features re-exports it
     source = random_source(8, size=6)

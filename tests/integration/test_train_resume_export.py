@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from pirl.checkpoint import export, latest_checkpoint, list_checkpoints, load_checkpoint
 from pirl.train import train
-from tests.conftest import random_source, tiny_config
+from helpers import random_source, tiny_config
 
 
 def _final_state(run_dir):

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import random_source, tiny_config
+from helpers import random_source, tiny_config
 from pirl.checkpoint import CHECKPOINT_FORMAT, export, list_checkpoints, load_checkpoint, open_checkpoint
 from pirl.config import config_to_dict, load_config
 from pirl.config.legacy import RENAMED, translate_override, translate_tree
