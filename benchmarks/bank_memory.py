@@ -2,8 +2,9 @@
 
 Replicated: every process holds N x D rows. Sharded: process r holds rows r N / W to (r + 1) N / W, at most
 ceil(N / W) of them. Each row is stored as ``bank.dtype`` (float32, or float16 at half the bytes; the
-element sizes come from :data:`pirl.bank.BANK_DTYPES`). Also prints what sharding costs instead: the bytes each process sends per step to fetch
-its scores from the owners (one int64 request and a float32 score each way per pair, two loss terms).
+element sizes come from :data:`pirl.bank.BANK_DTYPES`). Also prints what sharding costs instead: the bytes each
+process sends per step to fetch its scores from the owners (one int64 request and a float32 score each way per
+pair, two loss terms).
 
     python benchmarks/bank_memory.py
     python benchmarks/bank_memory.py --images 1281167 --dim 128 --worlds 8 64 512 --batch 32 --negatives 32000
@@ -51,8 +52,14 @@ def table(images: list[int], dim: int, worlds: list[int], dtypes: list[str]) -> 
     rows = [head, ["---"] * len(head)]
     for n in images:
         for dtype in dtypes:
-            rows.append([f"{n:,}", dtype, human(bank_bytes(n, dim, dtype=dtype)),
-                         *[human(bank_bytes(n, dim, w, True, dtype)) for w in worlds]])
+            rows.append(
+                [
+                    f"{n:,}",
+                    dtype,
+                    human(bank_bytes(n, dim, dtype=dtype)),
+                    *[human(bank_bytes(n, dim, w, True, dtype)) for w in worlds],
+                ]
+            )
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
@@ -67,9 +74,11 @@ def main() -> None:
     args = parser.parse_args()
     print(f"Bank memory per GPU, {args.dim}-d rows:\n")
     print(table(args.images, args.dim, args.worlds, args.dtypes))
-    print(f"\nSharding's price: each process sends about {human(fetch_bytes_per_step(args.batch, args.negatives))} "
-          f"per step to fetch its scores (B={args.batch} per GPU, K={args.negatives:,}, two loss terms), "
-          f"whatever N and W.")
+    print(
+        f"\nSharding's price: each process sends about {human(fetch_bytes_per_step(args.batch, args.negatives))} "
+        f"per step to fetch its scores (B={args.batch} per GPU, K={args.negatives:,}, two loss terms), "
+        f"whatever N and W."
+    )
 
 
 if __name__ == "__main__":

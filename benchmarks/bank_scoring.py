@@ -53,15 +53,45 @@ def main() -> None:
         return
     for k in args.negatives:
         # each path in a fresh process: the dense path's huge temporaries change the heap a later run sees
-        seconds = {path: float(subprocess.run(
-            [sys.executable, __file__, "--num-samples", str(args.num_samples), "--batch", str(args.batch),
-             "--repeats", str(args.repeats), "--one", str(k), path], check=True, capture_output=True,
-            text=True).stdout.split()[-1]) for path in ("gathered", "dense")}
-        print(json.dumps({"bank_rows": args.num_samples, "batch": args.batch, "negatives": k,
-                          "rows_per_negative": round(args.num_samples / k, 1), "dense_s": round(seconds["dense"], 4),
-                          "gathered_s": round(seconds["gathered"], 4),
-                          "dense_faster": seconds["dense"] < seconds["gathered"],
-                          "threads": torch.get_num_threads()}), flush=True)
+        seconds = {
+            path: float(
+                subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--num-samples",
+                        str(args.num_samples),
+                        "--batch",
+                        str(args.batch),
+                        "--repeats",
+                        str(args.repeats),
+                        "--one",
+                        str(k),
+                        path,
+                    ],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout.split()[-1]
+            )
+            for path in ("gathered", "dense")
+        }
+        print(
+            json.dumps(
+                {
+                    "bank_rows": args.num_samples,
+                    "batch": args.batch,
+                    "negatives": k,
+                    "rows_per_negative": round(args.num_samples / k, 1),
+                    "dense_s": round(seconds["dense"], 4),
+                    "gathered_s": round(seconds["gathered"], 4),
+                    "dense_faster": seconds["dense"] < seconds["gathered"],
+                    "threads": torch.get_num_threads(),
+                }
+            ),
+            flush=True,
+        )
+
 
 if __name__ == "__main__":
     main()

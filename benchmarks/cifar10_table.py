@@ -89,19 +89,43 @@ def main() -> None:
     for method in args.methods:
         calib = out / f"{method}-calibration"
         subprocess.run(["rm", "-rf", str(calib)], check=True)
-        run([*base, "--out", str(calib), *METHODS[method], "optim.epochs=1", "data.subset=1536",
-             "train.knn_every=0", "bank.init=random", "train.log_every=2"], out / f"{method}-calibration.log")
+        run(
+            [
+                *base,
+                "--out",
+                str(calib),
+                *METHODS[method],
+                "optim.epochs=1",
+                "data.subset=1536",
+                "train.knn_every=0",
+                "bank.init=random",
+                "train.log_every=2",
+            ],
+            out / f"{method}-calibration.log",
+        )
         rate = images_per_s(calib)
         subset = 10000
         epochs = max(1, round(args.budget_s * rate / subset))
         run_dir = out / method
         start = time.perf_counter()
         if not (run_dir / "config.json").exists():
-            run([*base, "--out", str(run_dir), *METHODS[method], f"data.subset={subset}", f"optim.epochs={epochs}",
-                 "train.knn_max_images=1000"], out / f"{method}.log")
+            run(
+                [
+                    *base,
+                    "--out",
+                    str(run_dir),
+                    *METHODS[method],
+                    f"data.subset={subset}",
+                    f"optim.epochs={epochs}",
+                    "train.knn_max_images=1000",
+                ],
+                out / f"{method}.log",
+            )
         seconds = time.perf_counter() - start
-        rows.append(evaluate(method, str(run_dir), evaldata, random_init=False)
-                    | {"epochs": epochs, "calibrated_images_per_s": round(rate, 1), "train_s": round(seconds)})
+        rows.append(
+            evaluate(method, str(run_dir), evaldata, random_init=False)
+            | {"epochs": epochs, "calibrated_images_per_s": round(rate, 1), "train_s": round(seconds)}
+        )
         run_dirs.append(str(run_dir))
         if method == args.methods[0]:
             rows.append(evaluate("random", str(run_dir), evaldata, random_init=True))
@@ -109,35 +133,55 @@ def main() -> None:
         "data": "CIFAR-10 (a JPEG ImageFolder archive)",
         "trunk": "torchvision resnet18, ImageNet stem, 32 px (the cpu-quick preset)",
         "pretraining": f"a 10,000-image training subset; epochs chosen per method for about {args.budget_s:.0f} s of "
-                       "training on this machine (calibrated images/s x budget / subset)",
+        "training on this machine (calibrated images/s x budget / subset)",
         "eval_train_images": f"every {args.eval_train_every}-th CIFAR-10 training image",
         "eval_test_images": "all 10,000 CIFAR-10 test images",
         "knn": "weighted kNN (NPID): cosine, k=200, T=0.07, on pooled res5 features",
         "linear": "L-BFGS multinomial logistic regression on standardised frozen features, weight decay chosen on "
-                  "10% of the training images; 'linear' = pooled res5, 'linear_best' = best of conv1, res2-res5 "
-                  "(pooled to ~9k dims, Goyal et al. 2019) and pooled res5",
+        "10% of the training images; 'linear' = pooled res5, 'linear_best' = best of conv1, res2-res5 "
+        "(pooled to ~9k dims, Goyal et al. 2019) and pooled res5",
         "command": "python benchmarks/cifar10_table.py " + " ".join(sys.argv[1:]),
         "overrides": args.overrides,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"protocol": protocol, "runs": rows}, indent=2) + "\n")
-    run([*PIRL, "report", *run_dirs, "--out", args.html, "--title", "pirl: CIFAR-10, same CPU budget per method"],
-        out / "report.log")
+    run(
+        [*PIRL, "report", *run_dirs, "--out", args.html, "--title", "pirl: CIFAR-10, same CPU budget per method"],
+        out / "report.log",
+    )
     for row in rows:
         print(json.dumps(row), flush=True)
 
 
 def evaluate(method: str, run_dir: str, evaldata: Path, *, random_init: bool) -> dict:
     extra = ["--random-init"] if random_init else []
-    common = ["--model", run_dir, "--data", str(evaldata / "train"), "--val-data", str(evaldata / "test"),
-              "--out", str(Path(run_dir) / "eval"), "--workers", "1", *extra]
+    common = [
+        "--model",
+        run_dir,
+        "--data",
+        str(evaldata / "train"),
+        "--val-data",
+        str(evaldata / "test"),
+        "--out",
+        str(Path(run_dir) / "eval"),
+        "--workers",
+        "1",
+        *extra,
+    ]
     logs = Path(run_dir) / "eval"
     logs.mkdir(parents=True, exist_ok=True)
     knn = json.loads(run([*PIRL, "eval", "knn", *common], logs / f"knn-{method}.log"))
     linear = json.loads(run([*PIRL, "eval", "linear", *common, "--stage", "all"], logs / f"linear-{method}.log"))
     by_stage = linear["top1_by_stage"]
-    return {"method": method, "knn": knn["top1"], "knn_k20": knn["top1_k20"], "linear": by_stage["pool"],
-            "linear_best": linear["top1"], "best_stage": linear["best_stage"], "linear_by_stage": by_stage}
+    return {
+        "method": method,
+        "knn": knn["top1"],
+        "knn_k20": knn["top1_k20"],
+        "linear": by_stage["pool"],
+        "linear_best": linear["top1"],
+        "best_stage": linear["best_stage"],
+        "linear_by_stage": by_stage,
+    }
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from knn_probe import trunk_knn
+
 from pirl.config import load_config
 from pirl.eval.models import load_model
 from pirl.training import subset_indices, train
@@ -22,6 +23,7 @@ from pirl.training import subset_indices, train
 
 def knn_of(run_dir: Path, data: str, n_train: int, n_test: int, random_init: bool = False) -> dict[int, float]:
     """kNN on seeded random subsets of n_train training and n_test test images."""
+
     def seeded(n: int):
         return lambda length: subset_indices(length, n, 123) or range(length)
 
@@ -40,22 +42,36 @@ def main() -> None:
     args = parser.parse_args()
     results = []
     for form in args.forms.split(","):
-        cfg = load_config("cpu-quick", [f"loss.form={form}", f"data.subset={args.subset}",
-                                        f"optim.epochs={args.epochs}"])
+        cfg = load_config(
+            "cpu-quick", [f"loss.form={form}", f"data.subset={args.subset}", f"optim.epochs={args.epochs}"]
+        )
         run_dir = Path(args.out) / form
         start = time.perf_counter()
         summary = train(cfg, args.data, run_dir, progress=False)
         accs = knn_of(run_dir, args.data, args.eval_train, args.eval_test)
-        row = {"form": form, "final_loss": summary["loss"], "knn_k20": accs[20], "knn_k200": accs[200],
-               "train_s": round(time.perf_counter() - start, 1)}
+        row = {
+            "form": form,
+            "final_loss": summary["loss"],
+            "knn_k20": accs[20],
+            "knn_k200": accs[200],
+            "train_s": round(time.perf_counter() - start, 1),
+        }
         print(json.dumps(row), flush=True)
         results.append(row)
-    baseline = knn_of(Path(args.out) / results[0]["form"], args.data, args.eval_train, args.eval_test,
-                      random_init=True)
+    baseline = knn_of(Path(args.out) / results[0]["form"], args.data, args.eval_train, args.eval_test, random_init=True)
     print(json.dumps({"form": "random_init", "knn_k20": baseline[20], "knn_k200": baseline[200]}), flush=True)
     best = max(results, key=lambda r: r["knn_k200"])
-    print(json.dumps({"best": best["form"], "subset": args.subset, "epochs": args.epochs,
-                      "random_init_knn_k200": baseline[200], "runs": results}))
+    print(
+        json.dumps(
+            {
+                "best": best["form"],
+                "subset": args.subset,
+                "epochs": args.epochs,
+                "random_init_knn_k200": baseline[200],
+                "runs": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 from statistics import mean
 
 from compare_loss_forms import knn_of
+
 from pirl.config import load_config
 from pirl.training import train
 
@@ -47,17 +48,39 @@ def main() -> None:
             start = time.perf_counter()
             summary = train(cfg, args.data, run_dir, progress=False)
             accs = knn_of(run_dir, args.data, args.eval_train, args.eval_test)
-            row = {"variant": name, "seed": seed, "overrides": overrides, "final_loss": summary["loss"],
-                   "knn_k20": accs[20], "knn_k200": accs[200], "train_s": round(time.perf_counter() - start, 1)}
+            row = {
+                "variant": name,
+                "seed": seed,
+                "overrides": overrides,
+                "final_loss": summary["loss"],
+                "knn_k20": accs[20],
+                "knn_k200": accs[200],
+                "train_s": round(time.perf_counter() - start, 1),
+            }
             print(json.dumps(row), flush=True)
             runs.append(row)
-    baseline = knn_of(Path(args.out) / f"{parse_variant(args.variants[0])[0]}-seed{args.seeds[0]}", args.data,
-                      args.eval_train, args.eval_test, random_init=True)
+    baseline = knn_of(
+        Path(args.out) / f"{parse_variant(args.variants[0])[0]}-seed{args.seeds[0]}",
+        args.data,
+        args.eval_train,
+        args.eval_test,
+        random_init=True,
+    )
     print(json.dumps({"variant": "random_init", "knn_k20": baseline[20], "knn_k200": baseline[200]}), flush=True)
-    means = {name: {k: round(mean(r[k] for r in runs if r["variant"] == name), 4) for k in ("knn_k20", "knn_k200")}
-             for name, _ in map(parse_variant, args.variants)}
-    print(json.dumps({"common": args.common, "seeds": args.seeds, "mean": means,
-                      "random_init": {"knn_k20": baseline[20], "knn_k200": baseline[200]}}))
+    means = {
+        name: {k: round(mean(r[k] for r in runs if r["variant"] == name), 4) for k in ("knn_k20", "knn_k200")}
+        for name, _ in map(parse_variant, args.variants)
+    }
+    print(
+        json.dumps(
+            {
+                "common": args.common,
+                "seeds": args.seeds,
+                "mean": means,
+                "random_init": {"knn_k20": baseline[20], "knn_k200": baseline[200]},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

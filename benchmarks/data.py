@@ -4,7 +4,8 @@ Full pipeline: decode the file, then pirl.data.views.PirlViews (image view, jigs
 augmented patches), as a worker runs it (one torch thread). Baseline: decode + resize to a fixed size, which is
 all a worker does with ``data.batched_views`` (pirl.data.batched.DecodeResize). Settings: ``cpu-quick`` (the
 preset: 32 px image, 30 px puzzle, 9 px patches, light augmentation), ``64px`` (64 px image, 63 px puzzle, 18 px
-patches, VISSL augmentation: the reference setting of the data benchmarks) and ``paper`` (224 / 255 / 64, VISSL augmentation).
+patches, VISSL augmentation: the reference setting of the data benchmarks) and ``paper`` (224 / 255 / 64, VISSL
+augmentation).
 
 Images: real ones from --data (a folder, an archive, or a dataset name, opened by pirl.data.sources.open_source;
 the first --images of them), else synthetic JPEGs (--synthetic-size, smooth random content, quality 90).
@@ -29,8 +30,8 @@ import io
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -79,12 +80,15 @@ def pipeline(source: ImageSource, cfg: DataConfig, count: int, repeats: int) -> 
     full = _rate(lambda i: views(source.load(i)), count, repeats)
     base = _rate(lambda i: decode_resize(source.load(i)), count, repeats)
     decode = _rate(lambda i: source.load(i).load(), count, repeats)
-    return {"full_img_s": round(full, 1), "decode_resize_img_s": round(base, 1), "decode_img_s": round(decode, 1),
-            "ratio": round(base / full, 2)}
+    return {
+        "full_img_s": round(full, 1),
+        "decode_resize_img_s": round(base, 1),
+        "decode_img_s": round(decode, 1),
+        "ratio": round(base / full, 2),
+    }
 
 
-def batched(source: ImageSource, cfg: DataConfig, count: int, batch: int, device: torch.device,
-            repeats: int) -> dict:
+def batched(source: ImageSource, cfg: DataConfig, count: int, batch: int, device: torch.device, repeats: int) -> dict:
     """BatchedViews on ``device`` against the per-sample views, both from already decoded images."""
     decoded = [source.load(i % count) for i in range(batch)]
     views, batched_views = PirlViews(cfg, "jigsaw"), BatchedViews(cfg, "jigsaw")
@@ -109,10 +113,14 @@ def batched(source: ImageSource, cfg: DataConfig, count: int, batch: int, device
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
-    return {"batch": batch, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "batched_img_s": round(batch / best, 1), "per_sample_img_s_one_thread": round(per_sample, 1),
-            "batched_threads": torch.get_num_threads() if device.type == "cpu" else None,
-            "speedup": round(batch / best / per_sample, 2)}
+    return {
+        "batch": batch,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "batched_img_s": round(batch / best, 1),
+        "per_sample_img_s_one_thread": round(per_sample, 1),
+        "batched_threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "speedup": round(batch / best / per_sample, 2),
+    }
 
 
 def main() -> None:
@@ -140,9 +148,16 @@ def main() -> None:
             cfg = load_config(preset, overrides).data
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # as a DataLoader worker (pirl.training.signals.worker_init)
-            row = {"setting": name, "source": origin, "images": count, "image_size": cfg.image_size,
-                   "jigsaw_crop": cfg.jigsaw_crop, "patch_size": cfg.patch_size, "augment": cfg.augment,
-                   **pipeline(source, cfg, count, args.repeats)}
+            row = {
+                "setting": name,
+                "source": origin,
+                "images": count,
+                "image_size": cfg.image_size,
+                "jigsaw_crop": cfg.jigsaw_crop,
+                "patch_size": cfg.patch_size,
+                "augment": cfg.augment,
+                **pipeline(source, cfg, count, args.repeats),
+            }
             torch.set_num_threads(threads)
             print(json.dumps(row), flush=True)
             if args.batched:
@@ -151,7 +166,8 @@ def main() -> None:
                 torch.set_num_threads(threads)
                 if args.device == "cpu":  # both halves on one thread, one after the other
                     result["pipeline_img_s_one_thread"] = round(
-                        1 / (1 / row["decode_resize_img_s"] + 1 / result["batched_img_s"]), 1)
+                        1 / (1 / row["decode_resize_img_s"] + 1 / result["batched_img_s"]), 1
+                    )
                 print(json.dumps({"setting": name, "source": origin, "mode": "batched", **result}), flush=True)
 
 

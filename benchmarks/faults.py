@@ -35,10 +35,24 @@ from PIL import Image
 from pirl.checkpoint import latest_checkpoint, load_checkpoint
 
 RECIPE = [
-    "data.image_size=16", "data.jigsaw_crop=15", "data.patch_size=4", "data.min_size=0", "data.augment=light",
-    "data.workers=0", "data.image_scale=[0.5,1.0]", "model.arch=resnet18", "model.embed_dim=16",
-    "bank.negatives=16", "optim.batch_size=8", "optim.epochs=2", "optim.warmup_epochs=0", "train.log_every=1",
-    "train.seed=0", "train.threads=1", "train.checkpoint_every_steps=2", "train.knn_every=0",
+    "data.image_size=16",
+    "data.jigsaw_crop=15",
+    "data.patch_size=4",
+    "data.min_size=0",
+    "data.augment=light",
+    "data.workers=0",
+    "data.image_scale=[0.5,1.0]",
+    "model.arch=resnet18",
+    "model.embed_dim=16",
+    "bank.negatives=16",
+    "optim.batch_size=8",
+    "optim.epochs=2",
+    "optim.warmup_epochs=0",
+    "train.log_every=1",
+    "train.seed=0",
+    "train.threads=1",
+    "train.checkpoint_every_steps=2",
+    "train.knn_every=0",
 ]
 IMAGES, STEPS = 32, 8
 
@@ -53,8 +67,12 @@ def _images(root: Path) -> Path:
 
 def _start(data: Path, run: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    return subprocess.Popen([sys.executable, "-m", "pirl", "train", "--data", str(data), "--out", str(run),
-                             *extra, *RECIPE], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pirl", "train", "--data", str(data), "--out", str(run), *extra, *RECIPE],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
 
 
 def _logged_step(run: Path) -> int:
@@ -147,7 +165,7 @@ def main() -> None:
         for i in range(args.kills):
             run, at, delay = work / f"kill{i}", rng.randint(1, STEPS - 1), rng.uniform(0.0, 0.3)
             proc = _start(data, run)
-            _until(proc, lambda: _logged_step(run) >= at)
+            _until(proc, lambda run=run, at=at: _logged_step(run) >= at)
             time.sleep(delay)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -162,7 +180,7 @@ def main() -> None:
         for i in range(args.sigterms):
             run, at = work / f"term{i}", rng.randint(1, STEPS - 1)
             proc = _start(data, run)
-            _until(proc, lambda: _logged_step(run) >= at)
+            _until(proc, lambda run=run, at=at: _logged_step(run) >= at)
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait()
             term["exit_143"] += rc == 143
@@ -176,7 +194,9 @@ def main() -> None:
         for i in range(args.write_kills):
             run, after = work / f"write{i}", rng.randint(0, STEPS - 2)
             proc = _start(data, run)
-            in_write = lambda: _logged_step(run) >= after and any(run.glob(".checkpoint-*.tmp"))  # noqa: E731
+            in_write = lambda run=run, after=after: (  # noqa: E731
+                _logged_step(run) >= after and any(run.glob(".checkpoint-*.tmp"))
+            )
             caught = _until(proc, in_write, poll_s=0.0005)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -186,8 +206,17 @@ def main() -> None:
             writes["identical"] += same
             print(f"kill in write {i + 1}: caught {caught}, resume rc {rc}, identical {same}", flush=True)
             shutil.rmtree(run)
-        print(json.dumps({"kills": args.kills, "identical": identical, "sigterm": term, "write_kills": writes,
-                          "seconds": round(time.perf_counter() - start)}))
+        print(
+            json.dumps(
+                {
+                    "kills": args.kills,
+                    "identical": identical,
+                    "sigterm": term,
+                    "write_kills": writes,
+                    "seconds": round(time.perf_counter() - start),
+                }
+            )
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -39,8 +39,14 @@ def _json_lines(text: str) -> list[Any]:
     return rows
 
 
-def run_stage(name: str, cmd: list[str], limit_s: float, log_dir: Path, env: dict[str, str] | None = None,
-              term_after_s: float | None = None) -> dict:
+def run_stage(
+    name: str,
+    cmd: list[str],
+    limit_s: float,
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+    term_after_s: float | None = None,
+) -> dict:
     """Run one command under a time limit; its JSON output lines become the stage's results.
 
     ``term_after_s``: send SIGTERM to the command alone (not its DataLoader workers) after this long, as a
@@ -51,8 +57,9 @@ def run_stage(name: str, cmd: list[str], limit_s: float, log_dir: Path, env: dic
     status, rc = "ok", None
     with open(log_dir / f"{name}.out", "w+") as out_f, open(log_dir / f"{name}.err", "w+") as err_f:
         try:
-            proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True, cwd=REPO,
-                                    env={**os.environ, **(env or {})})
+            proc = subprocess.Popen(
+                cmd, stdout=out_f, stderr=err_f, text=True, cwd=REPO, env={**os.environ, **(env or {})}
+            )
         except OSError as exc:
             err_f.write(str(exc))
             status = "failed"
@@ -75,27 +82,53 @@ def run_stage(name: str, cmd: list[str], limit_s: float, log_dir: Path, env: dic
     for suffix in (".out", ".err"):
         (log_dir / f"{name}{suffix}").unlink()
     log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{out}\n--- stderr\n{err}")
-    return {"status": status, "rc": rc, "seconds": round(time.perf_counter() - start, 1), "limit_s": limit_s,
-            "command": " ".join(cmd), "results": _json_lines(out), "tail": (out + err)[-1500:]}
+    return {
+        "status": status,
+        "rc": rc,
+        "seconds": round(time.perf_counter() - start, 1),
+        "limit_s": limit_s,
+        "command": " ".join(cmd),
+        "results": _json_lines(out),
+        "tail": (out + err)[-1500:],
+    }
 
 
 def stage_env(log_dir: Path) -> dict:
-    code = ("import json, torch; p = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None; "
-            "print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, "
-            "'cuda_available': torch.cuda.is_available(), 'gpu': p.name if p else None, "
-            "'gpu_memory_gib': round(p.total_memory / 2**30, 1) if p else None, "
-            "'bf16': torch.cuda.is_bf16_supported() if p else None, "
-            "'nccl': torch.distributed.is_nccl_available()}))")
+    code = (
+        "import json, torch; p = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None; "
+        "print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, "
+        "'cuda_available': torch.cuda.is_available(), 'gpu': p.name if p else None, "
+        "'gpu_memory_gib': round(p.total_memory / 2**30, 1) if p else None, "
+        "'bf16': torch.cuda.is_bf16_supported() if p else None, "
+        "'nccl': torch.distributed.is_nccl_available()}))"
+    )
     result = run_stage("env", [PY, "-c", code], 30, log_dir)
-    result["results"].append({"python": platform.python_version(), "machine": platform.machine(),
-                              "cpus": os.cpu_count()})
+    result["results"].append(
+        {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
+    )
     return result
 
 
 def stage_cuda_tests(log_dir: Path, limit: float) -> dict:
     xml = log_dir / "cuda_tests.xml"
-    result = run_stage("cuda_tests", [PY, "-m", "pytest", "-q", "-m", "cuda", "tests/integration/test_cuda.py", "-p",
-                                      "no:cacheprovider", f"--junitxml={xml}", "-rA"], limit, log_dir)
+    result = run_stage(
+        "cuda_tests",
+        [
+            PY,
+            "-m",
+            "pytest",
+            "-q",
+            "-m",
+            "cuda",
+            "tests/integration/test_cuda.py",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={xml}",
+            "-rA",
+        ],
+        limit,
+        log_dir,
+    )
     if xml.is_file():
         import xml.etree.ElementTree as ET
 
@@ -147,11 +180,18 @@ def train_summary(run: Path) -> dict:
     logged = [r["loss_mean"] for r in rows if r.get("kind") == "train" and "loss_mean" in r]
     early, late = (sum(logged[:3]) / 3, sum(logged[-3:]) / 3) if len(logged) >= 6 else (None, None)
     falls = last < first if len(epochs) > 1 else (early is not None and late < early)
-    return {"epochs_done": len(epochs), "first_epoch_loss": first, "last_epoch_loss": last, "loss_falls": falls,
-            "first_logged_loss": early, "last_logged_loss": late, "logged_steps": len(logged),
-            "epoch_losses": [round(r["loss"], 4) for r in epochs],
-            "median_images_per_s": speeds[len(speeds) // 2] if speeds else None,
-            "online_knn_top1_k20": [r.get("knn_top1_k20") for r in knn]}
+    return {
+        "epochs_done": len(epochs),
+        "first_epoch_loss": first,
+        "last_epoch_loss": last,
+        "loss_falls": falls,
+        "first_logged_loss": early,
+        "last_logged_loss": late,
+        "logged_steps": len(logged),
+        "epoch_losses": [round(r["loss"], 4) for r in epochs],
+        "median_images_per_s": speeds[len(speeds) // 2] if speeds else None,
+        "online_knn_top1_k20": [r.get("knn_top1_k20") for r in knn],
+    }
 
 
 def main() -> None:
@@ -165,9 +205,11 @@ def main() -> None:
     out = args.out.resolve()
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"check": "benchmarks/gpu_check.sh", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                           time.gmtime()),
-                              "stages": {}}
+    report: dict[str, Any] = {
+        "check": "benchmarks/gpu_check.sh",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "stages": {},
+    }
     wanted = set(args.only or ["env", "cuda_tests", "step", "data", "train", "eval"])
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"pirl-gpu-check-{os.getpid()}"
 
@@ -182,33 +224,120 @@ def main() -> None:
     if "cuda_tests" in wanted:
         save("cuda_tests", stage_cuda_tests(logs, 120))
     if "step" in wanted:  # the paper's ResNet-50, 224 px images and 9 x 64 px patches, ImageNet-sized bank, AMP
-        save("step", run_stage("step", [PY, "benchmarks/step.py", "--arch", "resnet50", "--image-size", "224",
-                                        "--patch-size", "64", "--batch", "128", "--device", args.device,
-                                        "--num-samples", "1281167", "--negatives", "4096", "32000",
-                                        "--steps", "4", "--rounds", "2"], 90, logs))
+        save(
+            "step",
+            run_stage(
+                "step",
+                [
+                    PY,
+                    "benchmarks/step.py",
+                    "--arch",
+                    "resnet50",
+                    "--image-size",
+                    "224",
+                    "--patch-size",
+                    "64",
+                    "--batch",
+                    "128",
+                    "--device",
+                    args.device,
+                    "--num-samples",
+                    "1281167",
+                    "--negatives",
+                    "4096",
+                    "32000",
+                    "--steps",
+                    "4",
+                    "--rounds",
+                    "2",
+                ],
+                90,
+                logs,
+            ),
+        )
     if "data" in wanted:
-        save("data", run_stage("data", [PY, "benchmarks/data.py", "--settings", "paper", "cpu-quick", "--batched",
-                                        "--device", args.device, "--batch", "256", "--images", "256", "--repeats", "3"],
-                               50, logs))
+        save(
+            "data",
+            run_stage(
+                "data",
+                [
+                    PY,
+                    "benchmarks/data.py",
+                    "--settings",
+                    "paper",
+                    "cpu-quick",
+                    "--batched",
+                    "--device",
+                    args.device,
+                    "--batch",
+                    "256",
+                    "--images",
+                    "256",
+                    "--repeats",
+                    "3",
+                ],
+                50,
+                logs,
+            ),
+        )
     run = work / "run"
     if "train" in wanted or "eval" in wanted:
         synthetic_folder(work / "images")
         synthetic_folder(work / "test", per_class=100, seed=1)
     if "train" in wanted:
         # SIGTERM after --train-seconds: the run saves a checkpoint and exits 0 (the trainer's preemption path)
-        cmd = [PY, "-m", "pirl", "train", "--data", str(work / "images"), "--val-data", str(work / "test"),
-               "--out", str(run), "--preset", "cifar10-r18", "optim.epochs=60", "optim.warmup_epochs=1",
-               "data.workers=6", "train.log_every=5", f"train.device={args.device}", *args.train_overrides]
+        cmd = [
+            PY,
+            "-m",
+            "pirl",
+            "train",
+            "--data",
+            str(work / "images"),
+            "--val-data",
+            str(work / "test"),
+            "--out",
+            str(run),
+            "--preset",
+            "cifar10-r18",
+            "optim.epochs=60",
+            "optim.warmup_epochs=1",
+            "data.workers=6",
+            "train.log_every=5",
+            f"train.device={args.device}",
+            *args.train_overrides,
+        ]
         result = run_stage("train", cmd, args.train_seconds + 30, logs, term_after_s=args.train_seconds)
         result["results"] = [*result["results"], {"summary": train_summary(run)}]
         if result["status"] == "ok" and not result["results"][-1]["summary"]["loss_falls"]:
             result["status"] = "failed: the loss did not fall"
         save("train", result)
     if "eval" in wanted:
-        save("eval", run_stage("eval", [PY, "-m", "pirl", "eval", "knn", "--model", str(run), "--data",
-                                        str(work / "images"), "--val-data", str(work / "test"), "--device",
-                                        args.device, "--workers", "4"], 45, logs,
-                               env={"PIRL_CACHE_DIR": str(work / "cache")}))
+        save(
+            "eval",
+            run_stage(
+                "eval",
+                [
+                    PY,
+                    "-m",
+                    "pirl",
+                    "eval",
+                    "knn",
+                    "--model",
+                    str(run),
+                    "--data",
+                    str(work / "images"),
+                    "--val-data",
+                    str(work / "test"),
+                    "--device",
+                    args.device,
+                    "--workers",
+                    "4",
+                ],
+                45,
+                logs,
+                env={"PIRL_CACHE_DIR": str(work / "cache")},
+            ),
+        )
     shutil.rmtree(work, ignore_errors=True)
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     save_final = out / "gpu_check.json"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -25,8 +25,9 @@ class Picked(torch.utils.data.Dataset):
         return self.dataset[self.indices[i]]
 
 
-def trunk_knn(model: LoadedModel, data: str, pick_train: PickIndices, pick_test: PickIndices,
-              ks: tuple[int, ...] = (20, 200)) -> dict[int, float]:
+def trunk_knn(
+    model: LoadedModel, data: str, pick_train: PickIndices, pick_test: PickIndices, ks: tuple[int, ...] = (20, 200)
+) -> dict[int, float]:
     """kNN accuracies at each k: features of the picked train-split images against the picked test-split images."""
     transform = eval_transform(model.input_size, model.mean, model.std)
     feats = []

@@ -63,8 +63,11 @@ def child(setting: Setting, kind: str, steps: int) -> dict:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize(device)
-        return {"peak_step_bytes": torch.cuda.max_memory_allocated(device) - before, "setup_bytes": before,
-                "how": "torch.cuda.max_memory_allocated"}
+        return {
+            "peak_step_bytes": torch.cuda.max_memory_allocated(device) - before,
+            "setup_bytes": before,
+            "how": "torch.cuda.max_memory_allocated",
+        }
     rss_before = _status_kb("VmRSS")
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     reset = _reset_peak()
@@ -86,10 +89,14 @@ def bank_alone(num_samples: int, dim: int, batch: int, negatives: int, shared: b
     scores = bank.score(emb, positives, draw)
     dense = not shared and num_samples <= bank.dense_ratio * negatives
     per_term = draw.nbytes + scores.nbytes
-    return {"bank_bytes": bank.memory.nbytes, "index_draw_bytes": draw.nbytes, "scores_bytes": scores.nbytes,
-            "dense_product_bytes": batch * num_samples * 4 if dense else 0,
-            # two terms (image, jigsaw), each with its draw, its scores and their gradient
-            "negatives_step_bytes": 2 * (per_term + scores.nbytes)}
+    return {
+        "bank_bytes": bank.memory.nbytes,
+        "index_draw_bytes": draw.nbytes,
+        "scores_bytes": scores.nbytes,
+        "dense_product_bytes": batch * num_samples * 4 if dense else 0,
+        # two terms (image, jigsaw), each with its draw, its scores and their gradient
+        "negatives_step_bytes": 2 * (per_term + scores.nbytes),
+    }
 
 
 def main() -> None:
@@ -109,17 +116,41 @@ def main() -> None:
     args = parser.parse_args()
 
     def setting(k: int) -> Setting:
-        return Setting(args.arch, args.stem, args.image_size, args.patch_size, args.batch, k, args.num_samples,
-                       args.shared, args.device)
+        return Setting(
+            args.arch,
+            args.stem,
+            args.image_size,
+            args.patch_size,
+            args.batch,
+            k,
+            args.num_samples,
+            args.shared,
+            args.device,
+        )
 
     if args.child:
         print(json.dumps(child(setting(args.negatives[0]), args.child, args.steps)), flush=True)
         return
-    common = {"arch": args.arch, "image": args.image_size, "patch": args.patch_size, "batch": args.batch,
-              "bank_rows": args.num_samples, "shared_negatives": args.shared}
+    common = {
+        "arch": args.arch,
+        "image": args.image_size,
+        "patch": args.patch_size,
+        "batch": args.batch,
+        "bank_rows": args.num_samples,
+        "shared_negatives": args.shared,
+    }
     for k in args.negatives:
-        print(json.dumps({"what": "bank", "negatives": k, **common,
-                          **bank_alone(args.num_samples, args.embed_dim, args.batch, k, args.shared)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "what": "bank",
+                    "negatives": k,
+                    **common,
+                    **bank_alone(args.num_samples, args.embed_dim, args.batch, k, args.shared),
+                }
+            ),
+            flush=True,
+        )
         row = {"what": "step", "negatives": k, "device": args.device, **common}
         for kind in ("trunk", "pirl"):
             cmd = [sys.executable, __file__, *sys.argv[1:], "--child", kind, "--negatives", str(k)]

@@ -26,22 +26,49 @@ from data import synthetic_jpegs  # noqa: E402  (same synthetic images as the da
 
 def run(procs: int, data: Path, out: Path, cores: int, args: argparse.Namespace) -> dict:
     threads = max(1, cores // procs)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-           "-m", "pirl", "train", "--data", str(data), "--out", str(out), "--preset", args.preset,
-           "--epochs", str(args.epochs), "--batch-size", str(args.batch),
-           "data.subset=0", f"data.workers={args.workers}", f"train.threads={threads}",
-           f"train.log_every={args.log_every}", *args.set]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(procs),
+        "-m",
+        "pirl",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--preset",
+        args.preset,
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        str(args.batch),
+        "data.subset=0",
+        f"data.workers={args.workers}",
+        f"train.threads={threads}",
+        f"train.log_every={args.log_every}",
+        *args.set,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode:
-        raise SystemExit(f"{procs} process(es) failed (rc {done.returncode}):\n{done.stdout[-1500:]}\n"
-                         f"{done.stderr[-3000:]}")
+        raise SystemExit(
+            f"{procs} process(es) failed (rc {done.returncode}):\n{done.stdout[-1500:]}\n{done.stderr[-3000:]}"
+        )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["images_per_s"] for r in records if r["kind"] == "train"]
     if len(rates) < 2:
         raise SystemExit(f"{procs} process(es): {len(rates)} logged window(s); train longer or log more often")
-    return {"procs": procs, "threads_per_proc": threads, "global_batch": args.batch, "windows": len(rates) - 1,
-            "img_s": round(statistics.median(rates[1:]), 2)}
+    return {
+        "procs": procs,
+        "threads_per_proc": threads,
+        "global_batch": args.batch,
+        "windows": len(rates) - 1,
+        "img_s": round(statistics.median(rates[1:]), 2),
+    }
 
 
 def main() -> None:
@@ -67,10 +94,17 @@ def main() -> None:
             rows[procs] = run(procs, data, Path(tmp) / f"run{procs}", args.cores, args)
             print(json.dumps(rows[procs]), flush=True)
     base = rows.get(1) or rows[min(rows)]
-    print(json.dumps({"ratios_to": base["procs"], "img_s_ratio": {p: round(r["img_s"] / base["img_s"], 3)
-                                                                  for p, r in rows.items()},
-                      # the same cores are split among the processes, so perfect scaling keeps the rate
-                      "ideal": {p: 1.0 for p in rows}}), flush=True)
+    print(
+        json.dumps(
+            {
+                "ratios_to": base["procs"],
+                "img_s_ratio": {p: round(r["img_s"] / base["img_s"], 3) for p, r in rows.items()},
+                # the same cores are split among the processes, so perfect scaling keeps the rate
+                "ideal": {p: 1.0 for p in rows},
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

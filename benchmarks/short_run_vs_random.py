@@ -16,8 +16,8 @@ import json
 import time
 
 import torch
-
 from knn_probe import trunk_knn
+
 from pirl.checkpoint import latest_checkpoint, load_checkpoint
 from pirl.config import load_config
 from pirl.data.sources import open_source
@@ -29,8 +29,9 @@ def bank_leave_one_out(memory: torch.Tensor, labels: torch.Tensor, k: int = 20, 
     sims = memory @ memory.T
     sims.fill_diagonal_(-2)
     top = sims.topk(k, dim=1)
-    votes = torch.zeros(len(memory), int(labels.max()) + 1).scatter_add_(1, labels[top.indices],
-                                                                          (top.values / temperature).exp())
+    votes = torch.zeros(len(memory), int(labels.max()) + 1).scatter_add_(
+        1, labels[top.indices], (top.values / temperature).exp()
+    )
     return (votes.argmax(1) == labels).float().mean().item()
 
 
@@ -53,11 +54,14 @@ def main() -> None:
     positions = subset_indices(len(source), cfg.data.subset, cfg.train.seed) or list(range(len(source)))
     labels = torch.tensor([source.labels[i] for i in positions])
     memory = load_checkpoint(latest_checkpoint(args.out))["method"]["bank.memory"]
-    row = {"overrides": args.overrides, "train_s": round(seconds), "bank_loo_knn20": bank_leave_one_out(memory, labels),
-           "knn": trunk_knn(load_model(args.out), args.data, every_fifth, every_fifth)}
+    row = {
+        "overrides": args.overrides,
+        "train_s": round(seconds),
+        "bank_loo_knn20": bank_leave_one_out(memory, labels),
+        "knn": trunk_knn(load_model(args.out), args.data, every_fifth, every_fifth),
+    }
     if args.random:
-        row["knn_random_init"] = trunk_knn(load_model(args.out, random_init=True), args.data, every_fifth,
-                                           every_fifth)
+        row["knn_random_init"] = trunk_knn(load_model(args.out, random_init=True), args.data, every_fifth, every_fifth)
     print(json.dumps(row), flush=True)
 
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -55,10 +55,19 @@ def _sync(device: torch.device) -> None:
 def build_steps(s: Setting) -> tuple[Callable[[], None], Callable[[], None], torch.device]:
     """(trunk-alone step, full PIRL step, device): closures over one method, batch and two optimizers."""
     device = torch.device(s.device)
-    cfg = load_config(None, [f"model.arch={s.arch}", f"model.stem={s.stem}", f"data.image_size={s.image}",
-                             f"data.patch_size={s.patch}", f"data.jigsaw_crop={3 * s.patch + 3}",
-                             f"bank.negatives={s.negatives}", f"bank.share_negatives={s.shared}",
-                             f"bank.dtype={s.bank_dtype}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.arch={s.arch}",
+            f"model.stem={s.stem}",
+            f"data.image_size={s.image}",
+            f"data.patch_size={s.patch}",
+            f"data.jigsaw_crop={3 * s.patch + 3}",
+            f"bank.negatives={s.negatives}",
+            f"bank.share_negatives={s.shared}",
+            f"bank.dtype={s.bank_dtype}",
+        ],
+    )
     torch.manual_seed(0)
     method = build_method(cfg, s.num_samples).to(device)
     images = torch.randn(s.batch, 3, s.image, s.image, device=device)
@@ -66,8 +75,7 @@ def build_steps(s: Setting) -> tuple[Callable[[], None], Callable[[], None], tor
     if s.channels_last:  # as the trainer: the encoder and the image batches
         method.encoder.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    batch = {"image": images, "patches": patches,
-             "index": torch.randint(0, s.num_samples, (s.batch,), device=device)}
+    batch = {"image": images, "patches": patches, "index": torch.randint(0, s.num_samples, (s.batch,), device=device)}
     trunk = method.encoder.trunk
     trunk_opt = torch.optim.SGD(trunk.parameters(), lr=1e-3, momentum=0.9)
     full_opt = torch.optim.SGD(method.parameter_groups(1e-4), lr=1e-3, momentum=0.9)
@@ -113,14 +121,27 @@ def measure(s: Setting, steps: int, rounds: int = 3) -> dict:
         full_s.append(_time(full_step, steps, device))
     t, f = min(trunk_s), min(full_s)
     cuda = device.type == "cuda"
-    return {"arch": s.arch, "stem": s.stem, "image": s.image, "patch": s.patch, "batch": s.batch,
-            "negatives": s.negatives, "bank_rows": s.num_samples, "shared_negatives": s.shared,
-            "bank_dtype": s.bank_dtype,
-            "device": torch.cuda.get_device_name(device) if cuda else "cpu", "amp": cuda and s.amp,
-            "channels_last": s.channels_last, "trunk_s": round(t, 4), "pirl_step_s": round(f, 4),
-            "ratio": round(f / t, 3), "images_per_s": round(s.batch / f, 1),
-            "trunk_images_per_s": round(s.batch / t, 1), "dense_ratio": MemoryBank.dense_ratio,
-            "threads": torch.get_num_threads()}
+    return {
+        "arch": s.arch,
+        "stem": s.stem,
+        "image": s.image,
+        "patch": s.patch,
+        "batch": s.batch,
+        "negatives": s.negatives,
+        "bank_rows": s.num_samples,
+        "shared_negatives": s.shared,
+        "bank_dtype": s.bank_dtype,
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "amp": cuda and s.amp,
+        "channels_last": s.channels_last,
+        "trunk_s": round(t, 4),
+        "pirl_step_s": round(f, 4),
+        "ratio": round(f / t, 3),
+        "images_per_s": round(s.batch / f, 1),
+        "trunk_images_per_s": round(s.batch / t, 1),
+        "dense_ratio": MemoryBank.dense_ratio,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -132,14 +153,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--num-samples", type=int, default=50000, help="memory bank rows")
     parser.add_argument("--negatives", type=int, nargs="+", default=[4096, 32000])
-    parser.add_argument("--shared", nargs="*", choices=["off", "on"], default=["off"],
-                        help="one negative set per batch: off, on, or both (--shared off on); "
-                             "a bare --shared means on")
+    parser.add_argument(
+        "--shared",
+        nargs="*",
+        choices=["off", "on"],
+        default=["off"],
+        help="one negative set per batch: off, on, or both (--shared off on); a bare --shared means on",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--no-amp", action="store_true", help="CUDA: no autocast")
     parser.add_argument("--no-channels-last", action="store_true", help="keep NCHW")
-    parser.add_argument("--dense-ratio", type=float, help="score densely while bank rows <= this x negatives "
-                        "(default: pirl.bank.MemoryBank.dense_ratio)")
+    parser.add_argument(
+        "--dense-ratio",
+        type=float,
+        help="score densely while bank rows <= this x negatives (default: pirl.bank.MemoryBank.dense_ratio)",
+    )
     parser.add_argument("--bank-dtype", default="float32", choices=list(BANK_DTYPES))
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round counts")
@@ -147,10 +175,22 @@ def main() -> None:
     args = parser.parse_args()
     if args.dense_ratio is not None:
         MemoryBank.dense_ratio = args.dense_ratio
-    for shared in (args.shared or ["on"]):
+    for shared in args.shared or ["on"]:
         for k in args.negatives:
-            s = Setting(args.arch, args.stem, args.image_size, args.patch_size, args.batch, k, args.num_samples,
-                        shared == "on", args.device, not args.no_amp, not args.no_channels_last, args.bank_dtype)
+            s = Setting(
+                args.arch,
+                args.stem,
+                args.image_size,
+                args.patch_size,
+                args.batch,
+                k,
+                args.num_samples,
+                shared == "on",
+                args.device,
+                not args.no_amp,
+                not args.no_channels_last,
+                args.bank_dtype,
+            )
             print(json.dumps(measure(s, args.steps, args.rounds)), flush=True)
 
 

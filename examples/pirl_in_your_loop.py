@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> list[float]:
             v_t = F.normalize(g(trunk(patches.flatten(0, 1))), dim=1)
             negatives = bank.sample_negatives(idx, min(64, len(data)), step, 0)
             # Eq. 5 of the paper: both views against the image's bank row, with the same negatives
-            loss = (args.lam * pirl.info_nce(bank.score(v_t, idx, negatives), 0.07)
-                    + (1 - args.lam) * pirl.info_nce(bank.score(v_i, idx, negatives), 0.07))
+            loss = args.lam * pirl.info_nce(bank.score(v_t, idx, negatives), 0.07) + (1 - args.lam) * pirl.info_nce(
+                bank.score(v_i, idx, negatives), 0.07
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> list[float]:
                 bank.update(idx, v_i.detach())  # after the step, as in the paper
             losses.append(loss.item())
             step += 1
-        print(f"epoch {epoch + 1}: mean loss {sum(losses[-len(loader):]) / len(loader):.3f}")
+        print(f"epoch {epoch + 1}: mean loss {sum(losses[-len(loader) :]) / len(loader):.3f}")
     return losses
 
 

@@ -85,8 +85,14 @@ class Run:
 
     def config_overrides(self) -> list[str]:
         bed = TESTBEDS[self.testbed]
-        return [*bed["overrides"], *bed["schedule"], *COMMON, *METHODS[self.method], *self.overrides,
-                f"train.seed={self.seed}"]
+        return [
+            *bed["overrides"],
+            *bed["schedule"],
+            *COMMON,
+            *METHODS[self.method],
+            *self.overrides,
+            f"train.seed={self.seed}",
+        ]
 
     def tags(self) -> dict:
         lam = 0.0 if self.method == "npid" else 0.5 if self.method.startswith("pirl") else None
@@ -114,8 +120,10 @@ def plan() -> list[Run]:
             runs.append(Run("main-random", "main", "random", like="main-pirl-s0"))
     runs += [Run(f"main-{m}-s0", "main", m) for m in ("pirl_rotation", "pirl_jigsaw_rotation")]
     runs += [Run(f"lambda-{lam}-s0", "lambda", "pirl", overrides=[f"method.lam={lam}"]) for lam in (0.25, 0.75, 1.0)]
-    runs += [Run(f"negatives-{k}-s0", "negatives", "pirl", overrides=[f"bank.negatives={k}"])
-             for k in (256, 1024, 4096, 10000)]
+    runs += [
+        Run(f"negatives-{k}-s0", "negatives", "pirl", overrides=[f"bank.negatives={k}"])
+        for k in (256, 1024, 4096, 10000)
+    ]
     # Why PIRL may trail NPID++: candidate causes, each one run against main-pirl-s0 / main-npid-s0.
     runs.append(Run("why-bn-image-stats-s0", "why", "pirl", overrides=["method.transformed_bn_stats=false"]))
     runs.append(Run("why-no-head-bn-pirl-s0", "why", "pirl", overrides=["model.head_bn=false"]))
@@ -162,16 +170,18 @@ def prepare_data(root: Path, out: Path, every: int) -> dict[str, Path]:
     """Folders of symlinks: eval/{train,test}, transfer-pretrain/train and transfer-eval/{train,test}."""
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     rest = [c for c in classes if c not in TRANSFER_CLASSES]
-    folders = {"eval": out / "eval-data", "transfer-pretrain": out / "transfer-pretrain",
-               "transfer-eval": out / "transfer-eval"}
+    folders = {
+        "eval": out / "eval-data",
+        "transfer-pretrain": out / "transfer-pretrain",
+        "transfer-eval": out / "transfer-eval",
+    }
     marker = out / "data-ready.json"
     want = {"every": every, "root": str(root.resolve())}
     if marker.exists() and json.loads(marker.read_text()) == want:
         return folders
     link_tree(folders["eval"] / "train", root / "train", classes, every)
     link_tree(folders["eval"] / "test", root / "test", classes, 1)
-    link_tree(folders["transfer-pretrain"] / "train", root / "train", [c for c in classes if c in TRANSFER_CLASSES],
-              1)
+    link_tree(folders["transfer-pretrain"] / "train", root / "train", [c for c in classes if c in TRANSFER_CLASSES], 1)
     link_tree(folders["transfer-eval"] / "train", root / "train", rest, every)
     link_tree(folders["transfer-eval"] / "test", root / "test", rest, 1)
     marker.write_text(json.dumps(want))
@@ -233,8 +243,17 @@ def train(run: Run, run_dir: Path, train_data: Path, extra: list[str]) -> dict:
     """Pretrain (or finish an interrupted pretraining) and export; returns the training figures."""
     timing = run_dir / "study-train-seconds.json"
     spent = json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
-    args = ["train", "--data", str(train_data), "--preset", "cpu-quick", "--out", str(run_dir),
-            *run.config_overrides(), *extra]
+    args = [
+        "train",
+        "--data",
+        str(train_data),
+        "--preset",
+        "cpu-quick",
+        "--out",
+        str(run_dir),
+        *run.config_overrides(),
+        *extra,
+    ]
     if (run_dir / "config.json").exists():
         args.insert(1, "--resume")
     start = time.perf_counter()
@@ -245,26 +264,53 @@ def train(run: Run, run_dir: Path, train_data: Path, extra: list[str]) -> dict:
     pirl(["export", str(run_dir), "--out", str(run_dir / "export")], run_dir.parent / f"{run.name}.export.log")
     config = json.loads((run_dir / "config.json").read_text())
     config = config.get("config", config)
-    return {"epochs": config["optim"]["epochs"], "train_s": round(spent), "images_per_s": images_per_s(run_dir),
-            "final_loss": summary.get("loss"), "load_avg": load.mean()}
+    return {
+        "epochs": config["optim"]["epochs"],
+        "train_s": round(spent),
+        "images_per_s": images_per_s(run_dir),
+        "final_loss": summary.get("loss"),
+        "load_avg": load.mean(),
+    }
 
 
-def evaluate(model: Path, eval_data: Path, out: Path, *, random_init: bool, workers: int, stage: str = "all"
-             ) -> dict:
-    common = ["--model", str(model), "--data", str(eval_data / "train"), "--val-data", str(eval_data / "test"),
-              "--out", str(out), "--workers", str(workers), *(["--random-init"] if random_init else [])]
+def evaluate(model: Path, eval_data: Path, out: Path, *, random_init: bool, workers: int, stage: str = "all") -> dict:
+    common = [
+        "--model",
+        str(model),
+        "--data",
+        str(eval_data / "train"),
+        "--val-data",
+        str(eval_data / "test"),
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+        *(["--random-init"] if random_init else []),
+    ]
     knn = pirl(["eval", "knn", *common], out / "knn.log")
     linear = pirl(["eval", "linear", *common, "--stage", stage], out / "linear.log")
     if stage != "all":  # one layer only (the smoke test): it is both the pooled and the best probe
-        return {"knn_k20": knn["top1_k20"], "knn_k200": knn["top1"], "linear": linear["top1"],
-                "linear_best": linear["top1"], "best_stage": stage, "linear_by_stage": {stage: linear["top1"]},
-                "linear_weight_decay": linear.get("weight_decay")}
+        return {
+            "knn_k20": knn["top1_k20"],
+            "knn_k200": knn["top1"],
+            "linear": linear["top1"],
+            "linear_best": linear["top1"],
+            "best_stage": stage,
+            "linear_by_stage": {stage: linear["top1"]},
+            "linear_weight_decay": linear.get("weight_decay"),
+        }
     written = out / ("linear-random-all.json" if random_init else "linear-all.json")
     full = json.loads(written.read_text()) if written.exists() else linear
     by_stage = linear.get("top1_by_stage") or full.get("top1_by_stage")
-    return {"knn_k20": knn["top1_k20"], "knn_k200": knn["top1"], "linear": by_stage["pool"],
-            "linear_best": linear["top1"], "best_stage": linear["best_stage"], "linear_by_stage": by_stage,
-            "linear_weight_decay": _pool_weight_decay(full)}
+    return {
+        "knn_k20": knn["top1_k20"],
+        "knn_k200": knn["top1"],
+        "linear": by_stage["pool"],
+        "linear_best": linear["top1"],
+        "best_stage": linear["best_stage"],
+        "linear_by_stage": by_stage,
+        "linear_weight_decay": _pool_weight_decay(full),
+    }
 
 
 def _pool_weight_decay(result: dict) -> float | None:
@@ -287,26 +333,38 @@ def invariance(out: Path, eval_data: Path, results: dict, workers: int, images: 
     if missing:
         print(f"skip invariance: needs {', '.join(missing)} first", flush=True)
         return
-    common = ["--data", str(eval_data / "train"), "--val-data", str(eval_data / "test"), "--images", str(images),
-              "--workers", str(workers)]
+    common = [
+        "--data",
+        str(eval_data / "train"),
+        "--val-data",
+        str(eval_data / "test"),
+        "--images",
+        str(images),
+        "--workers",
+        str(workers),
+    ]
     figures: dict[str, dict] = {}
     trunk_models = [arg for n in INVARIANCE_RUNS for arg in ("--model", str(out / n / "export"))]
     spec_to_name = {str(out / n / "export"): n for n in INVARIANCE_RUNS}
-    for space, models, extra in (("trunk", trunk_models, ["--random-init"]),
-                                 ("heads", ["--model", str(out / INVARIANCE_RUNS[0])], [])):
+    for space, models, extra in (
+        ("trunk", trunk_models, ["--random-init"]),
+        ("heads", ["--model", str(out / INVARIANCE_RUNS[0])], []),
+    ):
         dest = out / f"invariance-{space}"
-        summary = pirl(["eval", "invariance", *models, *extra, "--space", space, "--out", str(dest), *common],
-                       dest / "invariance.log")
+        summary = pirl(
+            ["eval", "invariance", *models, *extra, "--space", space, "--out", str(dest), *common],
+            dest / "invariance.log",
+        )
         written = sorted(dest.glob("invariance*.json"))
         full = json.loads(written[0].read_text()) if written else summary
         per_model = full.get("details", {}).get("per_model") or {}
         figures[space] = {}
         for name, stats in per_model.items():
-            label = spec_to_name.get(name, "main-pirl-s0" if space == "heads" else
-                                     "random" if name.startswith("random init") else name)
+            label = spec_to_name.get(
+                name, "main-pirl-s0" if space == "heads" else "random" if name.startswith("random init") else name
+            )
             figures[space][label] = {k: stats[k] for k in ("mean", "std", "median", "n", "histogram")}
-    results["invariance"] = {"images": images, "protocol": "pirl eval invariance (same seeded test images)",
-                             **figures}
+    results["invariance"] = {"images": images, "protocol": "pirl eval invariance (same seeded test images)", **figures}
 
 
 def load_results(path: Path) -> dict:
@@ -335,8 +393,8 @@ def testbed_record(smoke: bool) -> dict:
         "epochs": _schedule_value(CHOSEN, "optim.epochs"),
         "subset": _schedule_value(CHOSEN, "data.subset"),
         "eval": "weighted kNN (k=20, 200; cosine, T=0.07) and L-BFGS linear probes (pooled res5; per layer conv1, "
-                "res2-res5 pooled to ~9k values) on every 5th CIFAR-10 training image (10,000) against all 10,000 "
-                "test images; the same commands for every method",
+        "res2-res5 pooled to ~9k values) on every 5th CIFAR-10 training image (10,000) against all 10,000 "
+        "test images; the same commands for every method",
         "smoke": smoke,
     }
 
@@ -359,10 +417,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", action="store_true", help="only rewrite the HTML page from the results")
     parser.add_argument("--eval-train-every", type=int, default=5)
     parser.add_argument("--workers", type=int, default=1, help="data-loading workers for the evaluations")
-    parser.add_argument("--invariance", action="store_true",
-                        help="only measure the invariance histograms (Fig. 4) of the finished main runs")
-    parser.add_argument("--smoke", action="store_true",
-                        help="a tiny schedule for testing the script itself (tiny data, 1 epoch, few negatives)")
+    parser.add_argument(
+        "--invariance",
+        action="store_true",
+        help="only measure the invariance histograms (Fig. 4) of the finished main runs",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny schedule for testing the script itself (tiny data, 1 epoch, few negatives)",
+    )
     args = parser.parse_args(argv)
     results_path = Path(args.results)
     results = load_results(results_path)
@@ -387,8 +451,19 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     root = cifar_root(args.data, out)
     folders = prepare_data(root, out, args.eval_train_every)
-    extra = ["data.subset=0", "optim.epochs=1", "bank.negatives=32", "optim.batch_size=16",
-             "bank.init=random", "data.workers=0", "train.log_every=1"] if args.smoke else []
+    extra = (
+        [
+            "data.subset=0",
+            "optim.epochs=1",
+            "bank.negatives=32",
+            "optim.batch_size=16",
+            "bank.init=random",
+            "data.workers=0",
+            "train.log_every=1",
+        ]
+        if args.smoke
+        else []
+    )
     results["testbed"] = testbed_record(args.smoke)
     workers = 0 if args.smoke else args.workers
     if args.invariance:
@@ -413,12 +488,21 @@ def main(argv: list[str] | None = None) -> None:
         else:
             train_data = folders["transfer-pretrain"] if run.data == "transfer" else root
             row = train(run, run_dir, train_data, extra)
-            row |= evaluate(run_dir / "export", eval_data, run_dir / "eval", random_init=False,
-                            workers=workers, stage=stage)
-        row = {"name": run.name, "study": run.study, "method": run.method, "seed": run.seed,
-               "testbed": run.testbed, **run.tags(), **row, "overrides": run.overrides,
-               "export": str(run_dir / "export") if run.method != "random" else None,
-               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+            row |= evaluate(
+                run_dir / "export", eval_data, run_dir / "eval", random_init=False, workers=workers, stage=stage
+            )
+        row = {
+            "name": run.name,
+            "study": run.study,
+            "method": run.method,
+            "seed": run.seed,
+            "testbed": run.testbed,
+            **run.tags(),
+            **row,
+            "overrides": run.overrides,
+            "export": str(run_dir / "export") if run.method != "random" else None,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         results["runs"].append(row)
         save_results(results_path, results)
         print(json.dumps({k: row[k] for k in ("name", "knn_k20", "knn_k200", "linear", "linear_best")}), flush=True)

@@ -19,8 +19,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-PROBES = (("knn_k20", "kNN k=20"), ("knn_k200", "kNN k=200"), ("linear", "linear, pooled res5"),
-          ("linear_best", "linear, best layer"))
+PROBES = (
+    ("knn_k20", "kNN k=20"),
+    ("knn_k200", "kNN k=200"),
+    ("linear", "linear, pooled res5"),
+    ("linear_best", "linear, best layer"),
+)
 ORDER = ("pirl", "pirl_jigsaw_rotation", "pirl_rotation", "npid", "jigsaw", "rotation", "supervised")
 STAGES = ("conv1", "res2", "res3", "res4", "res5", "pool")
 
@@ -57,8 +61,13 @@ def main_bars(runs: list[dict]) -> str:
         means = [mean(v) for v in vals]
         lo = [mu - min(v) for mu, v in zip(means, vals)]
         hi = [max(v) - mu for mu, v in zip(means, vals)]
-        ax.bar(range(len(methods)), means, yerr=[lo, hi], capsize=3,
-               color=["#d62728" if m.startswith("pirl") else "#1f77b4" for m in methods])
+        ax.bar(
+            range(len(methods)),
+            means,
+            yerr=[lo, hi],
+            capsize=3,
+            color=["#d62728" if m.startswith("pirl") else "#1f77b4" for m in methods],
+        )
         if rand:
             ax.axhline(rand[key], color="k", ls="--", lw=1, label="random init")
             ax.legend(loc="lower right", fontsize=8)
@@ -86,8 +95,9 @@ def _curve(points: dict[float, list[dict]], xlabel: str, title: str, log: bool =
 def lambda_curve(runs: list[dict]) -> str:
     points: dict[float, list[dict]] = defaultdict(list)
     for r in runs:
-        if (r["study"] == "lambda" or (r["study"] == "main" and r["method"] in ("pirl", "npid"))) \
-                and r.get("lam") is not None:
+        if (r["study"] == "lambda" or (r["study"] == "main" and r["method"] in ("pirl", "npid"))) and r.get(
+            "lam"
+        ) is not None:
             points[r["lam"]].append(r)
     return _curve(points, "lambda (weight of the transformed term)", "Fig. 6: lambda") if len(points) > 1 else ""
 
@@ -97,8 +107,11 @@ def negatives_curve(runs: list[dict]) -> str:
     for r in runs:
         if (r["study"] == "negatives" or (r["study"] == "main" and r["method"] == "pirl")) and r.get("negatives"):
             points[r["negatives"]].append(r)
-    return _curve(points, "negatives (the bank holds 10,000 rows)", "Fig. 8: negatives", log=True) \
-        if len(points) > 1 else ""
+    return (
+        _curve(points, "negatives (the bank holds 10,000 rows)", "Fig. 8: negatives", log=True)
+        if len(points) > 1
+        else ""
+    )
 
 
 def layer_curves(runs: list[dict]) -> str:
@@ -106,11 +119,18 @@ def layer_curves(runs: list[dict]) -> str:
     if not main:
         return ""
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    for method, rows in sorted(_group(main, lambda r: r["method"]).items(),
-                               key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else 99):
+    for method, rows in sorted(
+        _group(main, lambda r: r["method"]).items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else 99
+    ):
         stages = [s for s in STAGES if all(s in r["linear_by_stage"] for r in rows)]
-        ax.plot(stages, [mean(r["linear_by_stage"][s] for r in rows) for s in stages], marker="o", label=method,
-                ls="--" if method == "random" else "-", color="k" if method == "random" else None)
+        ax.plot(
+            stages,
+            [mean(r["linear_by_stage"][s] for r in rows) for s in stages],
+            marker="o",
+            label=method,
+            ls="--" if method == "random" else "-",
+            color="k" if method == "random" else None,
+        )
     ax.set_ylabel("linear top-1")
     ax.set_title("Fig. 5: linear probe per layer", fontsize=10)
     ax.legend(fontsize=7)
@@ -153,19 +173,42 @@ def testbed_table(runs: list[dict]) -> str:
         sup = [r for r in runs if r["study"] == "testbed" and r["testbed"] == tb and r["method"] == "supervised"]
         rnd = [r for r in runs if r["study"] == "testbed" and r["testbed"] == tb and r["method"] == "random"]
         if sup and rnd:
-            rows.append({"testbed": tb, "supervised": sup[0]["linear"], "random": rnd[0]["linear"],
-                         "gain": f"{100 * (sup[0]['linear'] - rnd[0]['linear']):+.1f} points",
-                         "knn": sup[0]["knn_k200"], "knn_random": rnd[0]["knn_k200"]})
-    cols = [("testbed", "testbed"), ("supervised", "supervised linear res5"), ("random", "random init"),
-            ("gain", "gain"), ("knn", "supervised kNN k=200"), ("knn_random", "random kNN k=200")]
+            rows.append(
+                {
+                    "testbed": tb,
+                    "supervised": sup[0]["linear"],
+                    "random": rnd[0]["linear"],
+                    "gain": f"{100 * (sup[0]['linear'] - rnd[0]['linear']):+.1f} points",
+                    "knn": sup[0]["knn_k200"],
+                    "knn_random": rnd[0]["knn_k200"],
+                }
+            )
+    cols = [
+        ("testbed", "testbed"),
+        ("supervised", "supervised linear res5"),
+        ("random", "random init"),
+        ("gain", "gain"),
+        ("knn", "supervised kNN k=200"),
+        ("knn_random", "random kNN k=200"),
+    ]
     return _table(rows, cols) if rows else ""
 
 
 def write_html(results: dict, path: Path) -> None:
     runs = results.get("runs", [])
-    cols = [("name", "run"), ("method", "method"), ("seed", "seed"), ("epochs", "epochs"), ("train_s", "train s"),
-            ("images_per_s", "images/s"), ("knn_k20", "kNN k=20"), ("knn_k200", "kNN k=200"),
-            ("linear", "linear res5"), ("linear_best", "linear best"), ("best_stage", "best layer")]
+    cols = [
+        ("name", "run"),
+        ("method", "method"),
+        ("seed", "seed"),
+        ("epochs", "epochs"),
+        ("train_s", "train s"),
+        ("images_per_s", "images/s"),
+        ("knn_k20", "kNN k=20"),
+        ("knn_k200", "kNN k=200"),
+        ("linear", "linear res5"),
+        ("linear_best", "linear best"),
+        ("best_stage", "best layer"),
+    ]
     sections = [
         ("Testbed candidates: supervised against random init, same schedule", testbed_table(runs)),
         ("Equal-epoch comparison (Table 2 / 5)", main_bars(runs)),

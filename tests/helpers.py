@@ -13,11 +13,24 @@ from pirl.data.sources import ArraySource
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [
-    "data.image_size=16", "data.jigsaw_crop=15", "data.patch_size=4", "data.min_size=0", "data.augment=light",
-    "data.workers=0", "data.subset=0", "data.image_scale=[0.5,1.0]",
-    "model.arch=resnet18", "model.stem=imagenet", "model.embed_dim=16",
-    "loss.negatives=16", "optim.batch_size=8", "optim.epochs=2", "optim.warmup_epochs=0",
-    "train.log_every=1", "train.seed=0", "train.threads=1",
+    "data.image_size=16",
+    "data.jigsaw_crop=15",
+    "data.patch_size=4",
+    "data.min_size=0",
+    "data.augment=light",
+    "data.workers=0",
+    "data.subset=0",
+    "data.image_scale=[0.5,1.0]",
+    "model.arch=resnet18",
+    "model.stem=imagenet",
+    "model.embed_dim=16",
+    "loss.negatives=16",
+    "optim.batch_size=8",
+    "optim.epochs=2",
+    "optim.warmup_epochs=0",
+    "train.log_every=1",
+    "train.seed=0",
+    "train.threads=1",
 ]
 
 

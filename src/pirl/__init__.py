@@ -21,14 +21,28 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_config": "pirl.config", "Config": "pirl.config", "validate": "pirl.config",
-    "pretrain": "pirl.api", "PretrainResult": "pirl.api", "resolve_config": "pirl.api", "export": "pirl.api",
-    "load_model": "pirl.api", "import_vissl": "pirl.api",
+    "load_config": "pirl.config",
+    "Config": "pirl.config",
+    "validate": "pirl.config",
+    "pretrain": "pirl.api",
+    "PretrainResult": "pirl.api",
+    "resolve_config": "pirl.api",
+    "export": "pirl.api",
+    "load_model": "pirl.api",
+    "import_vissl": "pirl.api",
     "PirlError": "pirl.errors",
-    "PirlViews": "pirl.data.views", "ImageHead": "pirl.models.heads", "JigsawHead": "pirl.models.heads",
-    "MemoryBank": "pirl.bank", "info_nce": "pirl.losses", "npid_nce": "pirl.losses", "paper_nce": "pirl.losses",
-    "build_trunk": "pirl.models.trunk", "stage_features": "pirl.models.trunk", "feature_dim": "pirl.models.trunk",
-    "ArraySource": "pirl.data.sources", "open_source": "pirl.data.sources",
+    "PirlViews": "pirl.data.views",
+    "ImageHead": "pirl.models.heads",
+    "JigsawHead": "pirl.models.heads",
+    "MemoryBank": "pirl.bank",
+    "info_nce": "pirl.losses",
+    "npid_nce": "pirl.losses",
+    "paper_nce": "pirl.losses",
+    "build_trunk": "pirl.models.trunk",
+    "stage_features": "pirl.models.trunk",
+    "feature_dim": "pirl.models.trunk",
+    "ArraySource": "pirl.data.sources",
+    "open_source": "pirl.data.sources",
 }
 __all__ = sorted([*_EXPORTS, "evaluate", "__version__"])
 

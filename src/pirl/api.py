@@ -1,17 +1,18 @@
 """The Python API: pretrain, export, load and evaluate with the same checks as the command line.
 
-    import pirl
-    run = pirl.pretrain("cpu-quick", "images/", "runs/a", overrides={"optim.epochs": 5})
-    run.export("exports/a")                       # or pirl.export(run.run_dir, "exports/a", format="timm")
-    model = pirl.load_model("exports/a")          # .trunk is a torchvision ResNet (fc = Identity)
-    print(pirl.evaluate.knn("exports/a", "labelled/")["top1"])
+import pirl
+run = pirl.pretrain("cpu-quick", "images/", "runs/a", overrides={"optim.epochs": 5})
+run.export("exports/a")                       # or pirl.export(run.run_dir, "exports/a", format="timm")
+model = pirl.load_model("exports/a")          # .trunk is a torchvision ResNet (fc = Identity)
+print(pirl.evaluate.knn("exports/a", "labelled/")["top1"])
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from pirl.config import Config, config_to_dict, load_config, validate
 from pirl.errors import PirlError
@@ -38,6 +39,7 @@ def _override_strings(overrides: Mapping[str, Any] | Iterable[str] | None) -> li
     if overrides is None:
         return []
     if isinstance(overrides, Mapping):
+
         def text(v: Any) -> str:
             if isinstance(v, bool):
                 return str(v).lower()
@@ -60,14 +62,18 @@ def _keyword_overrides(settings: Mapping[str, Any]) -> list[str]:
     for name, value in settings.items():
         section, _, key = name.partition("_")
         if section not in SECTIONS or not key:
-            raise PirlError(f"unknown keyword {name!r}; config keys are given as section_key, e.g. optim_epochs=5 "
-                            f"(sections: {', '.join(SECTIONS)})")
+            raise PirlError(
+                f"unknown keyword {name!r}; config keys are given as section_key, e.g. optim_epochs=5 "
+                f"(sections: {', '.join(SECTIONS)})"
+            )
         out.extend(_override_strings({f"{section}.{key}": value}))
     return out
 
 
-def resolve_config(config: Config | str | Path | Mapping[str, Any] | None = None,
-                   overrides: Mapping[str, Any] | Iterable[str] | None = None) -> Config:
+def resolve_config(
+    config: Config | str | Path | Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | Iterable[str] | None = None,
+) -> Config:
     """A validated :class:`Config` from a preset name, a YAML path, a :class:`Config`, or a nested dict, with
     ``overrides`` (``{"optim.epochs": 5}`` or ``["optim.epochs=5"]``) applied on top. Bad values raise
     :class:`~pirl.errors.PirlError` naming the key, exactly as on the command line."""
@@ -80,10 +86,19 @@ def resolve_config(config: Config | str | Path | Mapping[str, Any] | None = None
     return load_config(str(config) if config is not None else "cpu-quick", items)
 
 
-def pretrain(config: Config | str | Path | Mapping[str, Any] | None, data: Any, out: str | Path, *,
-             overrides: Mapping[str, Any] | Iterable[str] | None = None, resume: bool = False,
-             val_data: Any = None, data_root: str | None = None, download: bool = False,
-             progress: bool = True, **settings: Any) -> PretrainResult:
+def pretrain(
+    config: Config | str | Path | Mapping[str, Any] | None,
+    data: Any,
+    out: str | Path,
+    *,
+    overrides: Mapping[str, Any] | Iterable[str] | None = None,
+    resume: bool = False,
+    val_data: Any = None,
+    data_root: str | None = None,
+    download: bool = False,
+    progress: bool = True,
+    **settings: Any,
+) -> PretrainResult:
     """Pretrain a trunk: the Python form of ``pirl train``.
 
     Config keys can also be given as keywords, the section and the key joined by ``_``:
@@ -99,12 +114,23 @@ def pretrain(config: Config | str | Path | Mapping[str, Any] | None, data: Any, 
 
     overrides = [*_override_strings(overrides), *_keyword_overrides(settings)]
     found = load_latest(out) if resume and Path(out).is_dir() else None
-    cfg = (load_config(None, _override_strings(overrides), base=found[1]["config"]) if found
-           else resolve_config(config, overrides))
-    s = train(cfg, data, out, resume=resume, data_root=data_root, download=download, progress=progress,
-              val_data=val_data)
-    return PretrainResult(Path(s["run_dir"]), Path(s["checkpoint"]) if s.get("checkpoint") else None,
-                          int(s["epochs"]), float(s["loss"]), int(s["num_samples"]), s.get("stopped"), s)
+    cfg = (
+        load_config(None, _override_strings(overrides), base=found[1]["config"])
+        if found
+        else resolve_config(config, overrides)
+    )
+    s = train(
+        cfg, data, out, resume=resume, data_root=data_root, download=download, progress=progress, val_data=val_data
+    )
+    return PretrainResult(
+        Path(s["run_dir"]),
+        Path(s["checkpoint"]) if s.get("checkpoint") else None,
+        int(s["epochs"]),
+        float(s["loss"]),
+        int(s["num_samples"]),
+        s.get("stopped"),
+        s,
+    )
 
 
 def export(run_or_checkpoint: str | Path, out_dir: str | Path, format: str = "torchvision") -> Path:

@@ -144,8 +144,7 @@ def make_temp_dir(root: Path, name: str) -> Path:
 def cache_info(root: Path | None = None) -> dict:
     root = Path(root) if root is not None else cache_root()
     items = entries(root)
-    return {"root": str(root), "entries": len(items), "bytes": sum(_size(p) for p in items),
-            "max_bytes": max_bytes()}
+    return {"root": str(root), "entries": len(items), "bytes": sum(_size(p) for p in items), "max_bytes": max_bytes()}
 
 
 def clear_cache(root: Path | None = None) -> dict:

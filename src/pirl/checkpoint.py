@@ -7,9 +7,9 @@ rebuild the trunk with torchvision alone.
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import io
 import re
 import shutil
 import tempfile
@@ -47,8 +47,9 @@ def checkpoint_name(epoch: int, step: int) -> str:
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoints of a run, oldest first."""
-    found = [(tuple(map(int, m.groups())), p) for p in Path(run_dir).glob("checkpoint-*.pt")
-             if (m := _NAME.search(p.name))]
+    found = [
+        (tuple(map(int, m.groups())), p) for p in Path(run_dir).glob("checkpoint-*.pt") if (m := _NAME.search(p.name))
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -68,7 +69,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], epoch: int, step: int,
     except OSError as err:
         raise WriteError(_write_failure(path, len(blob), err)) from None
     others = [p for p in list_checkpoints(run_dir) if p != path]
-    for old in others[:max(0, len(others) - (keep - 1))]:
+    for old in others[: max(0, len(others) - (keep - 1))]:
         old.unlink(missing_ok=True)
     return path
 
@@ -80,8 +81,10 @@ def _write_failure(path: Path, needed: int, err: OSError) -> str:
         free = ""
     previous = [p for p in list_checkpoints(path.parent) if p != path]
     kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint"
-    return (f"cannot write checkpoint {path}: {err.strerror or err} (it needs {needed / 1e6:.1f} MB{free}); "
-            f"{kept}; free space and run again with --resume")
+    return (
+        f"cannot write checkpoint {path}: {err.strerror or err} (it needs {needed / 1e6:.1f} MB{free}); "
+        f"{kept}; free space and run again with --resume"
+    )
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -107,8 +110,14 @@ def _get(tree: Any, dotted: str) -> Any:
     return tree
 
 
-_CONFIG_FIELDS = {"model.arch": str, "model.stem": str, "data.image_size": int, "data.mean": list,
-                  "data.std": list, "method.name": str}
+_CONFIG_FIELDS = {
+    "model.arch": str,
+    "model.stem": str,
+    "data.image_size": int,
+    "data.mean": list,
+    "data.std": list,
+    "method.name": str,
+}
 
 
 def _checkpoint_problem(state: dict[str, Any]) -> str | None:
@@ -188,7 +197,7 @@ def open_checkpoint(run_or_checkpoint: str | Path) -> tuple[Path, dict[str, Any]
 def trunk_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Bare torchvision keys of the trunk, taken from a checkpoint's method state."""
     prefix = "encoder.trunk."
-    return {k[len(prefix):]: v for k, v in checkpoint["method"].items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in checkpoint["method"].items() if k.startswith(prefix)}
 
 
 def export(run_or_checkpoint: str | Path, out_dir: str | Path, format: str = "torchvision") -> Path:
@@ -213,8 +222,10 @@ def export(run_or_checkpoint: str | Path, out_dir: str | Path, format: str = "to
     trunk = build_trunk(cfg["model"]["arch"], cfg["model"]["stem"])
     missing, unexpected = trunk.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise PirlError(f"checkpoint trunk does not match {cfg['model']['arch']}: "
-                        f"{len(missing)} missing, {len(unexpected)} unexpected keys")
+        raise PirlError(
+            f"checkpoint trunk does not match {cfg['model']['arch']}: "
+            f"{len(missing)} missing, {len(unexpected)} unexpected keys"
+        )
     meta = {
         "format": "pirl-export-1",
         "arch": cfg["model"]["arch"],

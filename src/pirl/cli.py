@@ -8,7 +8,6 @@ import json
 import re
 import sys
 import warnings
-from pathlib import Path
 
 from pirl.errors import PirlError
 
@@ -46,13 +45,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise PirlError("pirl train needs --data PATH and --out DIR")
     from pirl.training import train
 
-    summary = train(cfg, args.data, args.out, resume=args.resume, data_root=args.data_root, download=args.download,
-                    val_data=args.val_data, overwrite=args.overwrite)
+    summary = train(
+        cfg,
+        args.data,
+        args.out,
+        resume=args.resume,
+        data_root=args.data_root,
+        download=args.download,
+        val_data=args.val_data,
+        overwrite=args.overwrite,
+    )
     print(json.dumps(summary))
     if summary.get("stopped"):
         if summary.get("checkpoint"):  # the main process; the others have nothing to add
-            print(f"stopped by {summary['stopped']}: checkpoint saved to {summary['checkpoint']}; run the same "
-                  "command with --resume to continue", file=sys.stderr)
+            print(
+                f"stopped by {summary['stopped']}: checkpoint saved to {summary['checkpoint']}; run the same "
+                "command with --resume to continue",
+                file=sys.stderr,
+            )
         if not summary.get("complete", True):
             # 128 + signal number, the shell's convention: `pirl train ... && pirl export ...` stops here, and
             # a scheduler can requeue on 143.
@@ -65,8 +75,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     if args.action == "clear":
         freed = clear_cache()
-        print(f"removed {freed['entries']} cache entr{'y' if freed['entries'] == 1 else 'ies'}, "
-              f"{freed['bytes'] / 1e6:.1f} MB, from {freed['root']}")
+        print(
+            f"removed {freed['entries']} cache entr{'y' if freed['entries'] == 1 else 'ies'}, "
+            f"{freed['bytes'] / 1e6:.1f} MB, from {freed['root']}"
+        )
     else:
         print(json.dumps(cache_info()))
     return 0
@@ -109,8 +121,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pirl.eval.report import write_report
 
     summary = write_report(args.runs, args.out, args.title)
-    print(f"wrote {summary['report']}: {summary['runs']} run(s), {summary['evaluations']} evaluation(s), "
-          f"{summary['images']} image(s)")
+    print(
+        f"wrote {summary['report']}: {summary['runs']} run(s), {summary['evaluations']} evaluation(s), "
+        f"{summary['images']} image(s)"
+    )
     return 0
 
 
@@ -132,8 +146,11 @@ class _Parser(argparse.ArgumentParser):
         owners = getattr(self, "foreign_options", {}).get(word.split("=", 1)[0])
         if owners:
             return f"; {word.split('=', 1)[0]} is an option of pirl eval {', '.join(owners)}"
-        names = [o for o in self._option_string_actions if o.startswith("--")] if word.startswith("-") else \
-            [c for a in self._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
+        names = (
+            [o for o in self._option_string_actions if o.startswith("--")]
+            if word.startswith("-")
+            else [c for a in self._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
+        )
         close = difflib.get_close_matches(word.split("=", 1)[0], names, n=1, cutoff=0.6)
         return f"; did you mean {close[0]}?" if close else ""
 
@@ -152,21 +169,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pirl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="pretrain a trunk with PIRL (or NPID++) on a folder, archive or dataset name",
-                       description="Pretrain a ResNet trunk. Config: a preset, then key=value overrides such as "
-                                   "method.lam=0.5 optim.epochs=100 data.workers=8 (anywhere on the line).")
-    t.add_argument("--data", help="image folder (class subfolders optional), .tar/.tar.gz/.zip of one, "
-                                  "or cifar10 | cifar100 | stl10 | stl10-unlabeled | imagenet")
+    t = sub.add_parser(
+        "train",
+        help="pretrain a trunk with PIRL (or NPID++) on a folder, archive or dataset name",
+        description="Pretrain a ResNet trunk. Config: a preset, then key=value overrides such as "
+        "method.lam=0.5 optim.epochs=100 data.workers=8 (anywhere on the line).",
+    )
+    t.add_argument(
+        "--data",
+        help="image folder (class subfolders optional), .tar/.tar.gz/.zip of one, "
+        "or cifar10 | cifar100 | stl10 | stl10-unlabeled | imagenet",
+    )
     t.add_argument("--out", help="run directory: checkpoints, metrics.jsonl, tensorboard/")
-    t.add_argument("--val-data", help="labelled images for the online kNN monitor (default: the test split of "
-                                      "--data, or a held-out slice of it, when --data has labels)")
+    t.add_argument(
+        "--val-data",
+        help="labelled images for the online kNN monitor (default: the test split of "
+        "--data, or a held-out slice of it, when --data has labels)",
+    )
     t.add_argument("--preset", help="imagenet-r50 | cifar10-r18 | cpu-quick (default) | path/to/config.yaml")
     t.add_argument("--epochs", type=int, help="shortcut for optim.epochs")
     t.add_argument("--batch-size", type=int, help="global batch size; shortcut for optim.batch_size")
     t.add_argument("--seed", type=int, help="shortcut for train.seed")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    t.add_argument("--overwrite", action="store_true",
-                   help="--out holds an earlier run: move its files into --out/previous-<timestamp>/ first")
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--out holds an earlier run: move its files into --out/previous-<timestamp>/ first",
+    )
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.add_argument("--data-root", help="where torchvision datasets live (for --data cifar10 etc.)")
     t.add_argument("--download", action="store_true", help="download a torchvision dataset if missing")
@@ -182,17 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parsers(sub, _Parser).set_defaults(func=cmd_eval)
 
-    r = sub.add_parser("report", help="one offline HTML page comparing runs: config, curves, evaluations",
-                       description="Collect config.json, metrics.jsonl, RUN/eval/*.json (and *.json in RUN) and "
-                                   "RUN/eval/**/*.png of each run into one self-contained HTML file.")
+    r = sub.add_parser(
+        "report",
+        help="one offline HTML page comparing runs: config, curves, evaluations",
+        description="Collect config.json, metrics.jsonl, RUN/eval/*.json (and *.json in RUN) and "
+        "RUN/eval/**/*.png of each run into one self-contained HTML file.",
+    )
     r.add_argument("runs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--out", default="report.html", help="HTML file to write (default: report.html)")
     r.add_argument("--title", help="page title (default: the run names)")
     r.set_defaults(func=cmd_report)
 
-    c = sub.add_parser("cache", help="size of the caches (extracted archives, features), or clear them",
-                       description="Caches live in $PIRL_CACHE_DIR or ~/.cache/pirl; PIRL_CACHE_MAX_GB bounds "
-                                   "them (least recently used first). Downloaded datasets/ are not touched.")
+    c = sub.add_parser(
+        "cache",
+        help="size of the caches (extracted archives, features), or clear them",
+        description="Caches live in $PIRL_CACHE_DIR or ~/.cache/pirl; PIRL_CACHE_MAX_GB bounds "
+        "them (least recently used first). Downloaded datasets/ are not touched.",
+    )
     c.add_argument("action", choices=["info", "clear"])
     c.set_defaults(func=cmd_cache)
 
@@ -202,12 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     # Weights in and out of other ecosystems.
-    e.add_argument("--format", default="torchvision", choices=["torchvision", "detectron2", "timm"],
-                   help="torchvision (default): safetensors + config.json; timm: the same with timm's "
-                        "pretrained_cfg; detectron2: model.pkl for a Detectron2 R-50/R-18 backbone")
-    i = sub.add_parser("import", help="convert another library's checkpoint into a pirl export",
-                       description="Convert a VISSL PIRL or NPID checkpoint (its trunk) into a pirl export, which "
-                                   "every 'pirl eval' command then accepts as --model.")
+    e.add_argument(
+        "--format",
+        default="torchvision",
+        choices=["torchvision", "detectron2", "timm"],
+        help="torchvision (default): safetensors + config.json; timm: the same with timm's "
+        "pretrained_cfg; detectron2: model.pkl for a Detectron2 R-50/R-18 backbone",
+    )
+    i = sub.add_parser(
+        "import",
+        help="convert another library's checkpoint into a pirl export",
+        description="Convert a VISSL PIRL or NPID checkpoint (its trunk) into a pirl export, which "
+        "every 'pirl eval' command then accepts as --model.",
+    )
     i.add_argument("source", choices=["vissl"])
     i.add_argument("checkpoint", metavar="CHECKPOINT")
     i.add_argument("--out", required=True, help="export directory")
@@ -243,8 +285,10 @@ def _cuda_oom(err: BaseException) -> bool:
 def oom_hint(command: str) -> str:
     """What to lower after CUDA ran out of memory, for ``pirl train`` or ``pirl eval``."""
     if command == "train":
-        return ("lower optim.batch_size (global batch), bank.negatives (loss.negatives in older configs) or "
-                "data.image_size, keep train.amp=true, or set bank.dtype=float16 / bank.kind=sharded")
+        return (
+            "lower optim.batch_size (global batch), bank.negatives (loss.negatives in older configs) or "
+            "data.image_size, keep train.amp=true, or set bank.dtype=float16 / bank.kind=sharded"
+        )
     return "lower --batch-size (or use --device cpu)"
 
 
@@ -257,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train" and OVERRIDE.match(item):
             args.overrides.append(item)
         else:
-            command.error(f"unrecognized arguments: {' '.join(extra[extra.index(item):])}")
+            command.error(f"unrecognized arguments: {' '.join(extra[extra.index(item) :])}")
     try:
         return args.func(args)
     except PirlError as err:
@@ -269,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except MemoryError:
-        print("error: out of memory; lower optim.batch_size or bank.negatives (loss.negatives in older configs)",
-              file=sys.stderr)
+        print(
+            "error: out of memory; lower optim.batch_size or bank.negatives (loss.negatives in older configs)",
+            file=sys.stderr,
+        )
         return 1
     except OSError as err:  # disk full, permission denied, a path too long: the system's words are enough
         where = f": {err.filename}" if err.filename else ""

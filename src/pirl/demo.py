@@ -24,11 +24,24 @@ from pirl.eval.linear import linear_probe
 from pirl.models.trunk import build_trunk
 
 DEMO_OVERRIDES = [
-    "data.min_size=32", "data.image_size=32", "data.image_scale=[0.5,1.0]", "data.jigsaw_crop=30",
-    "data.jigsaw_scale=[0.7,1.0]", "data.patch_size=8", "data.augment=light", "data.workers=1",
-    "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]", "data.subset=0",
-    "model.arch=resnet18", "model.stem=imagenet", "bank.negatives=1024",
-    "optim.batch_size=64", "optim.base_lr=0.12", "optim.warmup_epochs=0.5", "optim.epochs=12",
+    "data.min_size=32",
+    "data.image_size=32",
+    "data.image_scale=[0.5,1.0]",
+    "data.jigsaw_crop=30",
+    "data.jigsaw_scale=[0.7,1.0]",
+    "data.patch_size=8",
+    "data.augment=light",
+    "data.workers=1",
+    "data.mean=[0.5,0.5,0.5]",
+    "data.std=[0.5,0.5,0.5]",
+    "data.subset=0",
+    "model.arch=resnet18",
+    "model.stem=imagenet",
+    "bank.negatives=1024",
+    "optim.batch_size=64",
+    "optim.base_lr=0.12",
+    "optim.warmup_epochs=0.5",
+    "optim.epochs=12",
 ]
 
 
@@ -41,8 +54,10 @@ def digits_sources(test_fraction: float = 0.2, seed: int = 0) -> tuple[ArraySour
     order = np.random.default_rng(seed).permutation(len(images))
     cut = int(len(images) * (1 - test_fraction))
     train, test = order[:cut], order[cut:]
-    return (ArraySource(images[train], digits.target[train], name="digits-train"),
-            ArraySource(images[test], digits.target[test], name="digits-test"))
+    return (
+        ArraySource(images[train], digits.target[train], name="digits-train"),
+        ArraySource(images[test], digits.target[test], name="digits-test"),
+    )
 
 
 def _scores(trunk: torch.nn.Module, train_src: ArraySource, test_src: ArraySource, cfg) -> dict[str, float]:

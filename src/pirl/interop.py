@@ -22,8 +22,13 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 EXPORT_FORMATS = ("torchvision", "detectron2", "timm")
 
 # torchvision weight enums (``ResNet50_Weights``) and the arch they belong to
-_WEIGHT_ENUMS = {"ResNet18_Weights": "resnet18", "ResNet34_Weights": "resnet34", "ResNet50_Weights": "resnet50",
-                 "ResNet101_Weights": "resnet101", "Wide_ResNet50_2_Weights": "wide_resnet50_2"}
+_WEIGHT_ENUMS = {
+    "ResNet18_Weights": "resnet18",
+    "ResNet34_Weights": "resnet34",
+    "ResNet50_Weights": "resnet50",
+    "ResNet101_Weights": "resnet101",
+    "Wide_ResNet50_2_Weights": "wide_resnet50_2",
+}
 
 
 def _first_line(err: BaseException) -> str:
@@ -42,8 +47,10 @@ def torchvision_weights(spec: str) -> tuple[str, Any]:
     name = spec.removeprefix("torchvision:")
     enum_name = name.split(".", 1)[0]
     if enum_name not in _WEIGHT_ENUMS or "." not in name:
-        raise PirlError(f"unknown torchvision weights {name!r}; use e.g. torchvision:ResNet50_Weights.IMAGENET1K_V2 "
-                        f"({', '.join(_WEIGHT_ENUMS)})")
+        raise PirlError(
+            f"unknown torchvision weights {name!r}; use e.g. torchvision:ResNet50_Weights.IMAGENET1K_V2 "
+            f"({', '.join(_WEIGHT_ENUMS)})"
+        )
     try:
         weights = torchvision.models.get_weight(name)
     except (ValueError, KeyError, AttributeError):
@@ -58,8 +65,10 @@ def torchvision_state_dict(spec: str) -> tuple[str, dict[str, torch.Tensor]]:
     try:
         state = weights.get_state_dict(progress=False, weights_only=True)
     except Exception as err:  # no network, a damaged cache file, ...
-        raise PirlError(f"cannot load torchvision weights {spec} ({_first_line(err)}); put the file "
-                        f"{weights.url.rsplit('/', 1)[-1]} in $TORCH_HOME/hub/checkpoints") from None
+        raise PirlError(
+            f"cannot load torchvision weights {spec} ({_first_line(err)}); put the file "
+            f"{weights.url.rsplit('/', 1)[-1]} in $TORCH_HOME/hub/checkpoints"
+        ) from None
     return arch, _without_fc(state)
 
 
@@ -104,10 +113,15 @@ def load_initial_weights(trunk: nn.Module, spec: str) -> None:
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or wrong:
         first = (wrong or missing)[0]
-        detail = (f"{first} is {tuple(state[first].shape)}, the trunk has {tuple(own[first].shape)}" if wrong
-                  else f"{first} is missing")
-        raise PirlError(f"model.init={spec} does not fit model.arch/model.stem: {len(missing)} missing and "
-                        f"{len(wrong)} mis-shaped tensors ({detail})")
+        detail = (
+            f"{first} is {tuple(state[first].shape)}, the trunk has {tuple(own[first].shape)}"
+            if wrong
+            else f"{first} is missing"
+        )
+        raise PirlError(
+            f"model.init={spec} does not fit model.arch/model.stem: {len(missing)} missing and "
+            f"{len(wrong)} mis-shaped tensors ({detail})"
+        )
     trunk.load_state_dict({k: state[k] for k in own})
 
 
@@ -127,6 +141,7 @@ def check_init(spec: str) -> str | None:
 
 
 # --- VISSL checkpoints in -------------------------------------------------------------------------------------
+
 
 def _vissl_trunk(state: Any) -> dict[str, torch.Tensor]:
     """The trunk's tensors from a VISSL checkpoint, however deeply nested, with the ``_feature_blocks.`` prefix."""
@@ -163,27 +178,40 @@ def import_vissl(checkpoint: str | Path, out_dir: str | Path, *, arch: str = "re
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise PirlError(f"{path}: cannot be read safely ({_first_line(err)}); if it holds non-tensor objects, "
-                        "re-save classy_state_dict.base_model.model.trunk alone with torch.save") from None
+        raise PirlError(
+            f"{path}: cannot be read safely ({_first_line(err)}); if it holds non-tensor objects, "
+            "re-save classy_state_dict.base_model.model.trunk alone with torch.save"
+        ) from None
     weights = _vissl_trunk(state)
     trunk = build_trunk(arch, "imagenet")
     own = trunk.state_dict()
     missing = [k for k in own if k not in weights and not k.endswith("num_batches_tracked")]
     if missing or any(tuple(weights[k].shape) != tuple(own[k].shape) for k in own if k in weights):
-        raise PirlError(f"{path}: trunk does not match {arch} ({len(missing)} missing tensors, e.g. "
-                        f"{(missing or ['a shape'])[0]}); pass --arch if it is not a ResNet-50")
+        raise PirlError(
+            f"{path}: trunk does not match {arch} ({len(missing)} missing tensors, e.g. "
+            f"{(missing or ['a shape'])[0]}); pass --arch if it is not a ResNet-50"
+        )
     weights = {k: weights[k].contiguous() if k in weights else own[k] for k in own}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "model.safetensors", lambda fh: fh.write(safetensors_bytes(weights)))
-    meta = {"format": "pirl-export-1", "arch": arch, "stem": "imagenet", "feature_dim": feature_dim(trunk),
-            "input_size": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "method": "vissl",
-            "source": path.name}
+    meta = {
+        "format": "pirl-export-1",
+        "arch": arch,
+        "stem": "imagenet",
+        "feature_dim": feature_dim(trunk),
+        "input_size": 224,
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "method": "vissl",
+        "source": path.name,
+    }
     atomic_write(out / "config.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
     return out
 
 
 # --- Detectron2 and timm out ----------------------------------------------------------------------------------
+
 
 def detectron2_key(key: str) -> str:
     """torchvision ResNet key -> Detectron2 ResNet key (``layer1.0.bn1.weight`` -> ``res2.0.conv1.norm.weight``)."""
@@ -204,8 +232,9 @@ def write_detectron2(weights: dict[str, torch.Tensor], path: Path, arch: str, st
         raise PirlError(f"--format detectron2 needs the ImageNet stem; this trunk has stem={stem}")
     if arch.startswith("timm:"):
         raise PirlError(f"--format detectron2 is for torchvision ResNets; this trunk is {arch}")
-    model = {detectron2_key(k): v.detach().cpu().numpy() for k, v in weights.items()
-             if not k.endswith("num_batches_tracked")}
+    model = {
+        detectron2_key(k): v.detach().cpu().numpy() for k, v in weights.items() if not k.endswith("num_batches_tracked")
+    }
     blob = {"model": model, "__author__": f"pirl ({arch})", "matching_heuristics": True}
     atomic_write(path, lambda fh: pickle.dump(blob, fh, protocol=pickle.HIGHEST_PROTOCOL))
     return path
@@ -216,9 +245,18 @@ def timm_config(meta: dict[str, Any]) -> dict[str, Any]:
     if meta["stem"] != "imagenet":
         raise PirlError(f"--format timm needs the ImageNet stem; this trunk has stem={meta['stem']}")
     size, name = int(meta["input_size"]), meta["arch"].removeprefix("timm:")
-    return {"architecture": name, "num_classes": 0, "num_features": meta["feature_dim"],
-            "pretrained_cfg": {"architecture": name, "num_classes": 0, "input_size": [3, size, size],
-                               "mean": list(meta["mean"]), "std": list(meta["std"]), "crop_pct": 0.875,
-                               "interpolation": "bilinear",
-                               **({} if meta["arch"].startswith("timm:") else
-                                  {"classifier": "fc", "first_conv": "conv1"})}}
+    return {
+        "architecture": name,
+        "num_classes": 0,
+        "num_features": meta["feature_dim"],
+        "pretrained_cfg": {
+            "architecture": name,
+            "num_classes": 0,
+            "input_size": [3, size, size],
+            "mean": list(meta["mean"]),
+            "std": list(meta["std"]),
+            "crop_pct": 0.875,
+            "interpolation": "bilinear",
+            **({} if meta["arch"].startswith("timm:") else {"classifier": "fc", "first_conv": "conv1"}),
+        },
+    }

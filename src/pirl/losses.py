@@ -38,8 +38,9 @@ def estimate_log_z(scores: torch.Tensor, temperature: float, num_samples: int) -
     return torch.logsumexp(logits.flatten(), dim=0) - math.log(logits.numel()) + math.log(num_samples)
 
 
-def npid_nce(scores: torch.Tensor, temperature: float, log_z: torch.Tensor, num_samples: int,
-             eps: float = 1e-7) -> torch.Tensor:
+def npid_nce(
+    scores: torch.Tensor, temperature: float, log_z: torch.Tensor, num_samples: int, eps: float = 1e-7
+) -> torch.Tensor:
     """NPID-style binary NCE (VISSL's "nce" loss) with a noise prior K / N_data and a frozen normaliser Z.
 
     u = exp(s / tau) / Z;  P(pos is data) = u_0 / (u_0 + K/N + eps);  P(neg is noise) = (K/N) / (u_k + K/N + eps);

@@ -25,12 +25,27 @@ PREVIOUS_PREFIX = "previous-"
 RUN_FILES = ("config.json", "metrics.jsonl", "tensorboard", "bad_images.txt")
 
 #: Config keys that may differ on resume: they change neither the model nor the data it is trained on.
-RESUMABLE_KEYS = frozenset({
-    "optim.epochs", "bank.kind", "data.workers", "data.max_bad_fraction", "data.batched_views",
-    "train.device", "train.amp", "train.channels_last", "train.compile", "train.threads", "train.log_every",
-    "train.checkpoint_every_steps", "train.keep_checkpoints", "train.nonfinite", "train.dist_timeout_s",
-    "train.knn_every", "train.knn_max_images",
-})
+RESUMABLE_KEYS = frozenset(
+    {
+        "optim.epochs",
+        "bank.kind",
+        "data.workers",
+        "data.max_bad_fraction",
+        "data.batched_views",
+        "train.device",
+        "train.amp",
+        "train.channels_last",
+        "train.compile",
+        "train.threads",
+        "train.log_every",
+        "train.checkpoint_every_steps",
+        "train.keep_checkpoints",
+        "train.nonfinite",
+        "train.dist_timeout_s",
+        "train.knn_every",
+        "train.knn_max_images",
+    }
+)
 
 
 def _holds_a_run(run_dir: Path) -> bool:
@@ -47,8 +62,10 @@ def check_reuse(run_dir: Path, *, resume: bool, overwrite: bool) -> Path | None:
     if resume or not run_dir.is_dir() or not _holds_a_run(run_dir):
         return None
     if not overwrite:
-        raise PirlError(f"{run_dir} already holds a run (checkpoints or config.json); give --resume to continue "
-                        "it, --overwrite to move its files into previous-<timestamp>/, or another --out")
+        raise PirlError(
+            f"{run_dir} already holds a run (checkpoints or config.json); give --resume to continue "
+            "it, --overwrite to move its files into previous-<timestamp>/, or another --out"
+        )
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     aside = run_dir / f"{PREVIOUS_PREFIX}{stamp}"
     n = 1
@@ -80,7 +97,7 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_NAME
         self.held = False
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         tmp = self.path.with_name(f"{LOCK_NAME}.{me['pid']}.tmp")
         tmp.write_text(json.dumps(me) + "\n")
@@ -101,8 +118,10 @@ class RunLock:
                     except FileNotFoundError:
                         pass
                     continue
-                raise PirlError(f"{self.path.parent} is in use by pirl train (process {owner.get('pid')} on "
-                                f"{owner.get('host')}); wait for it, or delete {self.path} if that process is gone")
+                raise PirlError(
+                    f"{self.path.parent} is in use by pirl train (process {owner.get('pid')} on "
+                    f"{owner.get('host')}); wait for it, or delete {self.path} if that process is gone"
+                )
             raise PirlError(f"could not take the lock {self.path}")
         finally:
             tmp.unlink(missing_ok=True)
@@ -121,7 +140,7 @@ class RunLock:
             self.path.unlink(missing_ok=True)
             self.held = False
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:
@@ -138,8 +157,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def resume_changes(saved: dict[str, Any], current: dict[str, Any], saved_samples: int | None = None,
-                   current_samples: int | None = None) -> dict[str, list[Any]]:
+def resume_changes(
+    saved: dict[str, Any], current: dict[str, Any], saved_samples: int | None = None, current_samples: int | None = None
+) -> dict[str, list[Any]]:
     """``{key: [saved, now]}`` for the allowed changes; a change to any other key raises one :class:`PirlError`.
 
     A config saved in the earlier layout (``loss.method``, ``loss.bank``, ...) is compared in the current one.
@@ -151,8 +171,13 @@ def resume_changes(saved: dict[str, Any], current: dict[str, Any], saved_samples
         fixed.append("dataset size")
         changed["dataset size"] = [saved_samples, current_samples]
     if fixed:
-        what = ", ".join(f"{k} ({changed[k][0]} -> {changed[k][1]}"
-                         + (f"; {OLD_NAMES[k]} in older configs)" if k in OLD_NAMES else ")") for k in fixed)
-        raise PirlError(f"--resume: the config differs from the checkpoint's in {what}; these change the model "
-                        "or the data, so resume with the saved values or start a new run")
+        what = ", ".join(
+            f"{k} ({changed[k][0]} -> {changed[k][1]}"
+            + (f"; {OLD_NAMES[k]} in older configs)" if k in OLD_NAMES else ")")
+            for k in fixed
+        )
+        raise PirlError(
+            f"--resume: the config differs from the checkpoint's in {what}; these change the model "
+            "or the data, so resume with the saved values or start a new run"
+        )
     return changed

@@ -11,20 +11,30 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO
 
 from pirl.errors import PirlError
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_with", "open_append", "read_regular",
-           "inside", "save_figure", "printable"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_with",
+    "open_append",
+    "read_regular",
+    "inside",
+    "save_figure",
+    "printable",
+]
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
-def atomic_write_with(path: str | os.PathLike, write: Callable[[IO[bytes]], object], *, mode: int = 0o644,
-                      fsync: bool = False) -> None:
+def atomic_write_with(
+    path: str | os.PathLike, write: Callable[[IO[bytes]], object], *, mode: int = 0o644, fsync: bool = False
+) -> None:
     """Write through ``write(file)`` into a temporary file beside ``path`` and rename it over ``path``.
 
     A symlink at ``path`` is replaced, not followed; readers never see a half-written file.
@@ -59,7 +69,7 @@ def open_append(path: str | os.PathLike) -> IO[str]:
     """Open ``path`` for appending text, refusing a symlink or anything but a regular file there."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | _NONBLOCK, 0o644)
-    except OSError as exc:
+    except OSError:
         if os.path.islink(path):
             raise PirlError(f"{path} is a symbolic link; refusing to write through it") from None
         raise

@@ -15,12 +15,10 @@ import torchvision
 from PIL import Image
 
 import pirl
+from helpers import REPO_ROOT, TINY, random_source, tiny_config
 from pirl.cli import main
 from pirl.methods import build_method
 from pirl.models.trunk import build_trunk
-
-from helpers import REPO_ROOT, TINY, random_source, tiny_config
-
 
 
 def _same_weights(a: dict, b: dict) -> None:
@@ -39,8 +37,9 @@ def _outputs(trunk: torch.nn.Module, size: int = 32) -> torch.Tensor:
 def trained(tmp_path_factory):
     """One tiny PIRL run through pirl.pretrain, and its export."""
     tmp = tmp_path_factory.mktemp("api")
-    run = pirl.pretrain("cpu-quick", random_source(24), tmp / "run", overrides=TINY, progress=False,
-                        optim_epochs=1, loss_lam=0.25)
+    run = pirl.pretrain(
+        "cpu-quick", random_source(24), tmp / "run", overrides=TINY, progress=False, optim_epochs=1, loss_lam=0.25
+    )
     return run, run.export(tmp / "export")
 
 
@@ -63,6 +62,7 @@ def _own_cache(tmp_path, monkeypatch):
 
 
 # --- 1. the Python API ----------------------------------------------------------------------------------------
+
 
 def test_public_names_resolve_and_import_is_lazy():
     for name in pirl.__all__:
@@ -97,7 +97,7 @@ def test_pretrain_result_export_and_load_model_round_trip(trained):
     assert np.isfinite(run.loss) and run.num_samples == 24
     assert json.loads((run.run_dir / "config.json").read_text())["config"]["method"]["lam"] == 0.25
     ckpt = torch.load(run.checkpoint, weights_only=True)
-    trunk = {k[len("encoder.trunk."):]: v for k, v in ckpt["method"].items() if k.startswith("encoder.trunk.")}
+    trunk = {k[len("encoder.trunk.") :]: v for k, v in ckpt["method"].items() if k.startswith("encoder.trunk.")}
     _same_weights(pirl.load_model(export_dir).trunk.state_dict(), trunk)
 
 
@@ -109,8 +109,18 @@ def test_examples_run_on_tiny_data(folder, tmp_path, monkeypatch):
         return module
 
     result = load("pretrain_from_python").main(
-        ["--data", str(folder), "--val-data", str(folder), "--out", str(tmp_path / "py"), *TINY,
-         "optim.epochs=1", "train.knn_every=0"])
+        [
+            "--data",
+            str(folder),
+            "--val-data",
+            str(folder),
+            "--out",
+            str(tmp_path / "py"),
+            *TINY,
+            "optim.epochs=1",
+            "train.knn_every=0",
+        ]
+    )
     assert 0 <= result["knn_top1"] <= 1 and (tmp_path / "py" / "export" / "model.safetensors").is_file()
     losses = load("pirl_in_your_loop").main([str(folder), "--epochs", "1", "--size", "32"])
     assert len(losses) == 3 and all(np.isfinite(losses))
@@ -118,6 +128,7 @@ def test_examples_run_on_tiny_data(folder, tmp_path, monkeypatch):
 
 
 # --- 2. weights in ---------------------------------------------------------------------------------------------
+
 
 def test_init_from_an_export_and_from_a_checkpoint(trained, tmp_path):
     run, export_dir = trained
@@ -178,8 +189,25 @@ def test_init_from_timm_weights(monkeypatch):
 
 
 def test_cli_eval_knn_on_torchvision_weights(hub_cache, folder, capsys):
-    assert main(["eval", "knn", "--model", "torchvision:ResNet18_Weights.IMAGENET1K_V1", "--data", str(folder),
-                 "--val-data", str(folder), "--workers", "0", "--batch-size", "32"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "knn",
+                "--model",
+                "torchvision:ResNet18_Weights.IMAGENET1K_V1",
+                "--data",
+                str(folder),
+                "--val-data",
+                str(folder),
+                "--workers",
+                "0",
+                "--batch-size",
+                "32",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["arch"] == "resnet18" and summary["model"].startswith("torchvision:")
     assert summary["test_images"] == 24 and 0 <= summary["top1"] <= 1
@@ -188,14 +216,16 @@ def test_cli_eval_knn_on_torchvision_weights(hub_cache, folder, capsys):
 def test_a_timm_backbone_beyond_resnets_trains_exports_and_loads_in_timm(folder, tmp_path):
     timm = pytest.importorskip("timm")
     name = "mobilenetv3_small_050"  # pooled features through a pre-logits layer: 1024 wide, not num_features
-    run = pirl.pretrain(tiny_config("optim.epochs=1", f"model.arch=timm:{name}"), random_source(16), tmp_path / "run",
-                        progress=False)
+    run = pirl.pretrain(
+        tiny_config("optim.epochs=1", f"model.arch=timm:{name}"), random_source(16), tmp_path / "run", progress=False
+    )
     assert np.isfinite(run.loss)
     out = pirl.export(run.run_dir, tmp_path / "exp", format="timm")
     ours = pirl.load_model(out)
     assert ours.arch == f"timm:{name}" and json.loads((out / "config.json").read_text())["architecture"] == name
-    theirs = timm.create_model(name, pretrained=True, num_classes=0,
-                               pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
+    theirs = timm.create_model(
+        name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"))
+    )
     assert _outputs(ours.trunk).shape == (2, 1024)
     assert torch.allclose(_outputs(theirs), _outputs(ours.trunk), atol=1e-5)
     assert 0 <= pirl.evaluate.knn(out, str(folder), str(folder), workers=0, batch_size=32)["top1"] <= 1
@@ -209,19 +239,24 @@ def test_a_timm_backbone_beyond_resnets_trains_exports_and_loads_in_timm(folder,
 
 # --- 3. weights from the paper: VISSL checkpoints ---------------------------------------------------------------
 
+
 def _vissl_checkpoint(path: Path, arch: str = "resnet18") -> dict:
     """A checkpoint in VISSL's layout: trunk under classy_state_dict.base_model.model.trunk._feature_blocks.*"""
     torch.manual_seed(7)
     trunk = build_trunk(arch)
     state = {
-        "phase_idx": 199, "iteration": 1000, "type": "checkpoint",
+        "phase_idx": 199,
+        "iteration": 1000,
+        "type": "checkpoint",
         "loss": {"memory_bank": torch.randn(10, 128)},
         "classy_state_dict": {
             "train_phase_idx": 199,
-            "base_model": {"model": {
-                "trunk": {f"_feature_blocks.{k}": v for k, v in trunk.state_dict().items()},
-                "heads": {"0.clf.0.weight": torch.randn(128, 512), "1.fc.weight": torch.randn(128, 4608)},
-            }},
+            "base_model": {
+                "model": {
+                    "trunk": {f"_feature_blocks.{k}": v for k, v in trunk.state_dict().items()},
+                    "heads": {"0.clf.0.weight": torch.randn(128, 512), "1.fc.weight": torch.randn(128, 4608)},
+                }
+            },
         },
     }
     torch.save(state, path)
@@ -230,8 +265,17 @@ def _vissl_checkpoint(path: Path, arch: str = "resnet18") -> dict:
 
 def test_import_vissl_checkpoint_then_eval(tmp_path, folder, capsys):
     want = _vissl_checkpoint(tmp_path / "model_final_checkpoint_phase199.torch")
-    rc = main(["import", "vissl", str(tmp_path / "model_final_checkpoint_phase199.torch"), "--out",
-               str(tmp_path / "exp"), "--arch", "resnet18"])
+    rc = main(
+        [
+            "import",
+            "vissl",
+            str(tmp_path / "model_final_checkpoint_phase199.torch"),
+            "--out",
+            str(tmp_path / "exp"),
+            "--arch",
+            "resnet18",
+        ]
+    )
     assert rc == 0
     model = pirl.load_model(tmp_path / "exp")
     _same_weights(model.trunk.state_dict(), want)
@@ -240,8 +284,10 @@ def test_import_vissl_checkpoint_then_eval(tmp_path, folder, capsys):
     assert 0 <= knn["top1"] <= 1 and knn["arch"] == "resnet18"
     # a ResNet-18 trunk read as the default ResNet-50, and a file that is no checkpoint: one line, exit 2
     capsys.readouterr()
-    assert main(["import", "vissl", str(tmp_path / "model_final_checkpoint_phase199.torch"), "--out",
-                 str(tmp_path / "x")]) == 2
+    assert (
+        main(["import", "vissl", str(tmp_path / "model_final_checkpoint_phase199.torch"), "--out", str(tmp_path / "x")])
+        == 2
+    )
     assert "does not match resnet50" in capsys.readouterr().err
     (tmp_path / "junk.torch").write_bytes(b"not a pickle")
     assert main(["import", "vissl", str(tmp_path / "junk.torch"), "--out", str(tmp_path / "y")]) == 2
@@ -253,13 +299,16 @@ def test_import_vissl_bare_trunk_with_prefixes(tmp_path):
     """A trunk saved alone, keys as VISSL's weight-init prefix writes them (trunk.base_model._feature_blocks.)."""
     torch.manual_seed(9)
     trunk = build_trunk("resnet18")
-    torch.save({f"module.trunk.base_model._feature_blocks.{k}": v for k, v in trunk.state_dict().items()},
-               tmp_path / "trunk.torch")
+    torch.save(
+        {f"module.trunk.base_model._feature_blocks.{k}": v for k, v in trunk.state_dict().items()},
+        tmp_path / "trunk.torch",
+    )
     out = pirl.import_vissl(tmp_path / "trunk.torch", tmp_path / "exp", arch="resnet18")
     assert torch.allclose(_outputs(pirl.load_model(out).trunk), _outputs(trunk))
 
 
 # --- 4. weights out: Detectron2 and timm ------------------------------------------------------------------------
+
 
 def test_export_detectron2_pkl_keys_shapes_values(trained, tmp_path, capsys):
     run, export_dir = trained
@@ -269,10 +318,14 @@ def test_export_detectron2_pkl_keys_shapes_values(trained, tmp_path, capsys):
     assert blob["matching_heuristics"] is True and set(blob) == {"model", "__author__", "matching_heuristics"}
     trunk = pirl.load_model(export_dir).trunk.state_dict()
     d2 = blob["model"]
-    pairs = {"conv1.weight": "stem.conv1.weight", "bn1.running_var": "stem.conv1.norm.running_var",
-             "layer1.0.conv2.weight": "res2.0.conv2.weight", "layer1.1.bn2.bias": "res2.1.conv2.norm.bias",
-             "layer2.0.downsample.0.weight": "res3.0.shortcut.weight",
-             "layer4.0.downsample.1.running_mean": "res5.0.shortcut.norm.running_mean"}
+    pairs = {
+        "conv1.weight": "stem.conv1.weight",
+        "bn1.running_var": "stem.conv1.norm.running_var",
+        "layer1.0.conv2.weight": "res2.0.conv2.weight",
+        "layer1.1.bn2.bias": "res2.1.conv2.norm.bias",
+        "layer2.0.downsample.0.weight": "res3.0.shortcut.weight",
+        "layer4.0.downsample.1.running_mean": "res5.0.shortcut.norm.running_mean",
+    }
     for ours, theirs in pairs.items():
         assert isinstance(d2[theirs], np.ndarray) and np.array_equal(d2[theirs], trunk[ours].numpy())
     assert len(d2) == len([k for k in trunk if not k.endswith("num_batches_tracked")])
@@ -280,8 +333,9 @@ def test_export_detectron2_pkl_keys_shapes_values(trained, tmp_path, capsys):
 
 
 def test_export_detectron2_refuses_the_cifar_stem(tmp_path, capsys):
-    pirl.pretrain(tiny_config("optim.epochs=1", "model.stem=cifar"), random_source(16), tmp_path / "run",
-                  progress=False)
+    pirl.pretrain(
+        tiny_config("optim.epochs=1", "model.stem=cifar"), random_source(16), tmp_path / "run", progress=False
+    )
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "d2"), "--format", "detectron2"]) == 2
     assert "ImageNet stem" in capsys.readouterr().err and not (tmp_path / "d2").exists()
 
@@ -292,8 +346,9 @@ def test_export_timm_loads_in_timm_with_the_same_outputs(trained, tmp_path):
     out = pirl.export(export_dir, tmp_path / "timm", format="timm")
     meta = json.loads((out / "config.json").read_text())
     assert meta["architecture"] == "resnet18" and meta["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406]
-    model = timm.create_model("resnet18", pretrained=True, num_classes=0,
-                              pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
+    model = timm.create_model(
+        "resnet18", pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"))
+    )
     ours = pirl.load_model(out).trunk  # the timm export is also a pirl export
     assert torch.allclose(_outputs(model), _outputs(ours), atol=1e-5)
     cifar = tmp_path / "cifar"

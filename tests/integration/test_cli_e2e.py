@@ -22,8 +22,9 @@ def _folder(root, classes=2, per_class=12, size=16):
 
 
 def _pirl(*args):
-    result = subprocess.run([sys.executable, "-m", "pirl", *map(str, args)], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "pirl", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return result
 

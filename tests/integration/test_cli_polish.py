@@ -2,18 +2,16 @@
 mean", YAML errors with file and line, the GPU presets' batched views, CUDA out-of-memory as one line."""
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 import pirl
+from helpers import REPO_ROOT, TINY
 from pirl.cli import main, oom_hint
 from pirl.config import load_config
 from pirl.errors import PirlError
-from helpers import REPO_ROOT, TINY
-
 
 
 def test_version_prints_the_package_version(capsys):
@@ -23,21 +21,38 @@ def test_version_prints_the_package_version(capsys):
 
 
 def test_overrides_are_accepted_before_between_and_after_flags(capsys):
-    assert main(["train", "loss.lam=0.25", "--preset", "cifar10-r18", "loss.temperature=0.2", "--print-config",
-                 "--epochs", "7", "optim.batch_size=32"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "loss.lam=0.25",
+                "--preset",
+                "cifar10-r18",
+                "loss.temperature=0.2",
+                "--print-config",
+                "--epochs",
+                "7",
+                "optim.batch_size=32",
+            ]
+        )
+        == 0
+    )
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert (cfg["method"]["lam"], cfg["loss"]["temperature"]) == (0.25, 0.2)
     assert (cfg["optim"]["epochs"], cfg["optim"]["batch_size"], cfg["model"]["stem"]) == (7, 32, "cifar")
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["train", "--epoch", "3"], "unrecognized arguments: --epoch; did you mean --epochs?"),
-    (["train", "--epoch=3", "--print-config"], "did you mean --epochs?"),
-    (["eval", "knn", "--model", "m", "--data", "d", "--val", "v"], "did you mean --val-data?"),
-    (["trian"], "invalid choice: 'trian'"),
-    (["train", "loss.lam=0.5", "--seed", "1", "stray"], "unrecognized arguments: stray"),
-    (["eval", "knn", "--model", "m", "--data", "d", "loss.lam=1"], "unrecognized arguments: loss.lam=1"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["train", "--epoch", "3"], "unrecognized arguments: --epoch; did you mean --epochs?"),
+        (["train", "--epoch=3", "--print-config"], "did you mean --epochs?"),
+        (["eval", "knn", "--model", "m", "--data", "d", "--val", "v"], "did you mean --val-data?"),
+        (["trian"], "invalid choice: 'trian'"),
+        (["train", "loss.lam=0.5", "--seed", "1", "stray"], "unrecognized arguments: stray"),
+        (["eval", "knn", "--model", "m", "--data", "d", "loss.lam=1"], "unrecognized arguments: loss.lam=1"),
+    ],
+)
 def test_usage_errors_are_one_line_and_abbreviations_are_refused(capsys, argv, needle):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
@@ -76,17 +91,18 @@ def _raise_oom(*args, **kwargs):
 
 
 def test_cuda_out_of_memory_in_training_is_one_line_naming_what_to_lower(tmp_path, monkeypatch, capsys):
-    from pirl.methods.pirl import PIRL
-
     from PIL import Image
+
+    from pirl.methods.pirl import PIRL
 
     images = tmp_path / "images"
     images.mkdir()
     for i in range(8):
         Image.new("RGB", (16, 16), (i * 30, 0, 0)).save(images / f"{i}.png")
     monkeypatch.setattr(PIRL, "training_step", _raise_oom)
-    code = main(["train", "--data", str(images), "--out", str(tmp_path / "run"), *TINY, "train.knn_every=0",
-                 "loss.negatives=4"])
+    code = main(
+        ["train", "--data", str(images), "--out", str(tmp_path / "run"), *TINY, "train.knn_every=0", "loss.negatives=4"]
+    )
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == 1 and "Traceback" not in err and len(lines) == 1
@@ -105,9 +121,9 @@ def test_cuda_out_of_memory_in_eval_names_the_batch_size(tmp_path, monkeypatch, 
 
 def test_eval_runs_features_and_probes_on_the_chosen_device(tmp_path, monkeypatch):
     """--device reaches feature extraction, kNN and the linear probe (auto: the GPU when there is one)."""
-    import pirl.eval.commands as commands
     import numpy as np
 
+    import pirl.eval.commands as commands
     from pirl.data.sources import ArraySource
     from pirl.eval.models import LoadedModel
     from pirl.models.trunk import build_trunk
@@ -130,8 +146,11 @@ def test_eval_runs_features_and_probes_on_the_chosen_device(tmp_path, monkeypatc
     source = ArraySource(rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8), np.arange(16) % 2)
     monkeypatch.setattr(commands, "_open", lambda *a, **k: source)
     trunk = build_trunk("resnet18", "cifar")
-    monkeypatch.setattr(commands, "load_model", lambda *a, **k: LoadedModel(
-        trunk.eval(), "resnet18", "cifar", 16, [0.5] * 3, [0.25] * 3, "tiny-test-trunk"))
+    monkeypatch.setattr(
+        commands,
+        "load_model",
+        lambda *a, **k: LoadedModel(trunk.eval(), "resnet18", "cifar", 16, [0.5] * 3, [0.25] * 3, "tiny-test-trunk"),
+    )
     result = commands.evaluate("linear", "m", "d", device="cpu", batch_size=8, workers=0)
     assert seen == {"features": torch.device("cpu"), "probe": torch.device("cpu")} and 0 <= result["top1"] <= 1
     with pytest.raises(PirlError, match="device"):

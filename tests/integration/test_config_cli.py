@@ -17,17 +17,31 @@ def test_presets_load(preset):
 
 def test_paper_recipe_preset():
     cfg = load_config("imagenet-r50")
-    assert (cfg.model.arch, cfg.data.image_size, cfg.data.jigsaw_crop, cfg.data.patch_size) == ("resnet50", 224, 255, 64)
+    assert (cfg.model.arch, cfg.data.image_size, cfg.data.jigsaw_crop, cfg.data.patch_size) == (
+        "resnet50",
+        224,
+        255,
+        64,
+    )
     assert (cfg.bank.negatives, cfg.loss.temperature, cfg.method.lam, cfg.bank.momentum) == (32000, 0.07, 0.5, 0.5)
     assert cfg.optim.batch_size * cfg.optim.base_lr / 256 == pytest.approx(0.12)
     assert cfg.optim.epochs == 800 and cfg.loss.form == "npid_nce"
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("loss.lam=1.5", "loss.lam"), ("loss.temperature=0", "loss.temperature"), ("loss.bogus=1", "bogus"),
-    ("bogus=1", "bogus"), ("optim.epochs=abc", "optim.epochs"), ("model.arch=vgg16", "model.arch"),
-    ("data.patch_size=100", "data.patch_size"), ("loss.form=xyz", "loss.form"), ("noequals", "noequals"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("loss.lam=1.5", "loss.lam"),
+        ("loss.temperature=0", "loss.temperature"),
+        ("loss.bogus=1", "bogus"),
+        ("bogus=1", "bogus"),
+        ("optim.epochs=abc", "optim.epochs"),
+        ("model.arch=vgg16", "model.arch"),
+        ("data.patch_size=100", "data.patch_size"),
+        ("loss.form=xyz", "loss.form"),
+        ("noequals", "noequals"),
+    ],
+)
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(PirlError, match=needle):
         load_config("cpu-quick", [override])
@@ -38,20 +52,37 @@ def _run_cli(*args):
 
 
 def test_print_config_applies_shortcuts_and_overrides(capsys):
-    assert main(["train", "--preset", "cifar10-r18", "--epochs", "7", "--batch-size", "32", "--print-config",
-                 "loss.lam=0.25"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "cifar10-r18",
+                "--epochs",
+                "7",
+                "--batch-size",
+                "32",
+                "--print-config",
+                "loss.lam=0.25",
+            ]
+        )
+        == 0
+    )
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["optim"]["epochs"] == 7 and cfg["optim"]["batch_size"] == 32 and cfg["method"]["lam"] == 0.25
     assert cfg["model"]["stem"] == "cifar"
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["train", "--data", "/no/such/dir", "--out", "x"], "data path not found"),
-    (["train", "--data", ".", "--out", "x", "loss.lam=2"], "loss.lam"),
-    (["train", "--data", ".", "--out", "x", "loss.bank_dtype=bfloat16"], "loss.bank_dtype"),
-    (["train", "--data", ".", "--out", "x", "--preset", "nope"], "unknown preset"),
-    (["export", "/no/such/run", "--out", "x"], "no such run"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train", "--data", "/no/such/dir", "--out", "x"], "data path not found"),
+        (["train", "--data", ".", "--out", "x", "loss.lam=2"], "loss.lam"),
+        (["train", "--data", ".", "--out", "x", "loss.bank_dtype=bfloat16"], "loss.bank_dtype"),
+        (["train", "--data", ".", "--out", "x", "--preset", "nope"], "unknown preset"),
+        (["export", "/no/such/run", "--out", "x"], "no such run"),
+    ],
+)
 def test_cli_errors_are_one_line_without_traceback(args, needle):
     result = _run_cli(*args)
     assert result.returncode == 2

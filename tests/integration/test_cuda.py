@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from helpers import TINY, tiny_config
 from pirl.bank import MemoryBank
 from pirl.config import load_config
 from pirl.data import batched as batched_module
@@ -24,10 +25,8 @@ from pirl.data.batched import BatchedViews
 from pirl.eval.knn import knn_accuracies
 from pirl.methods import build_method
 from pirl.models.trunk import build_trunk
-from helpers import TINY, tiny_config
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 CUDA = torch.device("cuda")
 
@@ -76,9 +75,11 @@ def test_bank_update_on_cuda_matches_the_cpu():
 def _batch(cfg, n: int, device) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     crop = cfg.data.patch_size
-    return {"image": torch.randn(n, 3, cfg.data.image_size, cfg.data.image_size, generator=g).to(device),
-            "patches": torch.randn(n, 9, 3, crop, crop, generator=g).to(device),
-            "index": torch.arange(n).to(device)}
+    return {
+        "image": torch.randn(n, 3, cfg.data.image_size, cfg.data.image_size, generator=g).to(device),
+        "patches": torch.randn(n, 9, 3, crop, crop, generator=g).to(device),
+        "index": torch.arange(n).to(device),
+    }
 
 
 def test_one_amp_training_step_on_cuda_matches_the_cpu_loss_and_learns():
@@ -124,7 +125,7 @@ def test_batched_views_on_cuda_match_the_cpu(monkeypatch):
 
     def uniform(self, *shape):
         u = torch.rand((self.total, *shape), generator=self.gen).to(self.device)
-        return u[self.offset:self.offset + self.batch]
+        return u[self.offset : self.offset + self.batch]
 
     monkeypatch.setattr(batched_module._Draws, "uniform", uniform)
     images = torch.randint(0, 256, (8, 3, 80, 80), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -168,9 +169,26 @@ def test_nccl_with_one_process_under_torchrun(tmp_path):
             arr[..., c] = 255
             Image.fromarray(arr).save(data / f"c{c}" / f"{i}.png")
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "pirl",
-           "train", "--data", str(data), "--out", str(run), *TINY, "train.device=cuda", "data.batched_views=true",
-           "optim.epochs=2", "train.knn_every=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "1",
+        "-m",
+        "pirl",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        *TINY,
+        "train.device=cuda",
+        "data.batched_views=true",
+        "optim.epochs=2",
+        "train.knn_every=1",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -25,12 +25,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
+from helpers import REPO_ROOT, tiny_config
 from pirl.bank import MemoryBank
 from pirl.bank_sharded import ShardedMemoryBank
 from pirl.checkpoint import list_checkpoints, load_checkpoint
 from pirl.sync_bn import convert_sync_batchnorm
 from pirl.train import setup_distributed, train
-from helpers import REPO_ROOT, tiny_config
 
 # the workers run this file as a script: they find the helpers (and the source tree of a checkout) on this path
 TESTS_PATH = os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")])
@@ -93,7 +93,7 @@ def _check_bank_collectives() -> None:
 
 def _check_sync_batchnorm() -> None:
     """Two ranks with half a batch each: the forward, gradients and running statistics of one full batch."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(8, 3, 5, 5, generator=gen) * 3 + 1
     weights = torch.randn(8, 3, 5, 5, generator=gen)

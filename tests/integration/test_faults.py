@@ -18,15 +18,20 @@ import pytest
 import torch
 from PIL import Image
 
-from pirl.checkpoint import (CHECKPOINT_FORMAT, export, latest_checkpoint, list_checkpoints, load_checkpoint,
-                             save_checkpoint)
+from helpers import TINY, random_source, tiny_config
+from pirl.checkpoint import (
+    CHECKPOINT_FORMAT,
+    export,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pirl.cli import main
 from pirl.data.images import load_rgb
 from pirl.errors import PirlError
 from pirl.methods.pirl import PIRL
 from pirl.train import RunLog, train
-from helpers import TINY, random_source, tiny_config
-
 
 # One torch thread: these runs are tiny, and two threads spin badly when the cores are shared.
 FAST = [*TINY, "train.threads=1"]
@@ -76,9 +81,13 @@ def _wait(proc: subprocess.Popen, ready, what: str, timeout: float = 180) -> Non
 def _popen(args: list, log: Path, env: dict | None = None) -> subprocess.Popen:
     with open(log, "w") as fh:  # a file, not a pipe: a full pipe would stall the run
         # SIGINT as in a terminal, even when the test runner itself was started in the background
-        return subprocess.Popen([str(a) for a in args], stdout=fh, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})},
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        return subprocess.Popen(
+            [str(a) for a in args],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
 
 
 def _error_lines(text: str) -> list[str]:
@@ -126,8 +135,8 @@ def test_kill_9_mid_epoch_then_resume_is_bit_identical(tmp_path):
     resumed_from = latest_checkpoint(run)
     assert resumed_from is not None and _epoch_step(resumed_from) < (3, 0)
 
-    train(tiny_config(*opts[len(TINY):]), str(data), run, resume=True, progress=False)
-    train(tiny_config(*opts[len(TINY):]), str(data), tmp_path / "uninterrupted", progress=False)
+    train(tiny_config(*opts[len(TINY) :]), str(data), run, resume=True, progress=False)
+    train(tiny_config(*opts[len(TINY) :]), str(data), tmp_path / "uninterrupted", progress=False)
     got = load_checkpoint(latest_checkpoint(run))["method"]
     want = load_checkpoint(latest_checkpoint(tmp_path / "uninterrupted"))["method"]
     assert got.keys() == want.keys() and "bank.memory" in got
@@ -135,8 +144,9 @@ def test_kill_9_mid_epoch_then_resume_is_bit_identical(tmp_path):
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, equal_nan=True, msg=key)
     # the steps the killed run logged past its checkpoint were redone, and each is listed once
     losses = [(r["global_step"], r["loss"]) for r in _metrics(run) if r["kind"] == "train"]
-    assert losses == [(r["global_step"], r["loss"]) for r in _metrics(tmp_path / "uninterrupted")
-                      if r["kind"] == "train"]
+    assert losses == [
+        (r["global_step"], r["loss"]) for r in _metrics(tmp_path / "uninterrupted") if r["kind"] == "train"
+    ]
 
 
 def test_resumed_log_drops_the_steps_a_crashed_run_will_redo(tmp_path):
@@ -197,9 +207,12 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
 def test_nonfinite_loss_skip_continues(tmp_path, monkeypatch):
     _poison(monkeypatch, at_step=2)
     with pytest.warns(UserWarning, match="step 3 .*batch skipped"):
-        summary = train(tiny_config("optim.epochs=1", "train.nonfinite=skip", "train.threads=1"),
-                        random_source(32), tmp_path,
-                        progress=False)
+        summary = train(
+            tiny_config("optim.epochs=1", "train.nonfinite=skip", "train.threads=1"),
+            random_source(32),
+            tmp_path,
+            progress=False,
+        )
     assert np.isfinite(summary["loss"]) and summary["checkpoint"].endswith("checkpoint-e0001-s0000000.pt")
     assert [r["step"] for r in _metrics(tmp_path) if r["kind"] == "train"] == [1, 2, 4]
     state = load_checkpoint(summary["checkpoint"])
@@ -261,8 +274,22 @@ def test_awkward_images_decode_as_expected(tmp_path):
 def test_bad_images_are_skipped_counted_and_listed(tmp_path, capsys):
     root, bad = _messy_folder(tmp_path / "images")
     run = tmp_path / "run"
-    assert main(["train", "--data", str(root), "--out", str(run), *FAST, "optim.epochs=1", "data.workers=1",
-                 "data.max_bad_fraction=0.2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(root),
+                "--out",
+                str(run),
+                *FAST,
+                "optim.epochs=1",
+                "data.workers=1",
+                "data.max_bad_fraction=0.2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.splitlines()
     summary = [line for line in out if line.startswith("skipped ")]
     assert len(summary) == 1 and summary[0].startswith("skipped 4 undecodable image(s)")
@@ -289,9 +316,23 @@ def test_a_run_of_bad_files_in_a_worker_is_one_line(tmp_path):
     for i in range(24):
         (root / f"broken{i:02d}.jpg").write_bytes(b"" if i % 2 else b"not a jpeg")
     # a subprocess: the real stderr, and no wait for PyTorch to reap a worker that raised
-    result = subprocess.run([sys.executable, "-m", "pirl", "train", "--data", str(root), "--out",
-                             str(tmp_path / "run"), *FAST, "data.workers=1"], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pirl",
+            "train",
+            "--data",
+            str(root),
+            "--out",
+            str(tmp_path / "run"),
+            *FAST,
+            "data.workers=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     err = result.stderr
     assert "Traceback" not in err and "DataLoader worker" not in err
@@ -387,8 +428,21 @@ def _worker(launcher: subprocess.Popen, rank: int) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_torchrun_two_processes_stop_together_and_survive_a_lost_peer(tmp_path):
     data, run = _pngs(tmp_path / "images", 96), tmp_path / "run"  # 12 global steps per epoch
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pirl",
-              "train", "--data", data, "--out", run]
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "pirl",
+        "train",
+        "--data",
+        data,
+        "--out",
+        run,
+    ]
     env = {"OMP_NUM_THREADS": "1"}
     # A plain two-process run; SIGTERM to one worker stops both at the same step with one checkpoint.
     proc = _popen([*launch, *FAST, "optim.epochs=3"], tmp_path / "log1", env)

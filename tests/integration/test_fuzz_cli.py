@@ -17,17 +17,62 @@ from pirl.cli import main
 from pirl.config import PRESETS, Config, load_config, validate
 from pirl.errors import PirlError
 
-KEYS = [f"{s.name}.{f.name}" for s in dataclasses.fields(Config())
-        for f in dataclasses.fields(getattr(Config(), s.name))]
+KEYS = [
+    f"{s.name}.{f.name}" for s in dataclasses.fields(Config()) for f in dataclasses.fields(getattr(Config(), s.name))
+]
 
 # argv strings: no NUL (a real command line cannot hold one)
 _text = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=12)
-_tricky = st.sampled_from([
-    "", "null", "None", "???", "${x}", "${oc.env:HOME}", "${loss.lam}", "[", "]", "{", "}", "[1,", "{a: 1}", "'",
-    '"', "\\", ",", "=", "1e999", "-1e999", "nan", "-0", "0x10", "1_000", "true", "yes", "cuda:x", "cuda:-1",
-    "cuda:0", "cpu", "auto", "vissl", "resnet18", "jigsaw", "skip", "[0.5, 1.0]", "[1, 2, 3]", "[]", "[null, 1]",
-    "[a, b, c]", "[[1]]", "9" * 30, "-" + "9" * 30, "~", "/", ".",
-])
+_tricky = st.sampled_from(
+    [
+        "",
+        "null",
+        "None",
+        "???",
+        "${x}",
+        "${oc.env:HOME}",
+        "${loss.lam}",
+        "[",
+        "]",
+        "{",
+        "}",
+        "[1,",
+        "{a: 1}",
+        "'",
+        '"',
+        "\\",
+        ",",
+        "=",
+        "1e999",
+        "-1e999",
+        "nan",
+        "-0",
+        "0x10",
+        "1_000",
+        "true",
+        "yes",
+        "cuda:x",
+        "cuda:-1",
+        "cuda:0",
+        "cpu",
+        "auto",
+        "vissl",
+        "resnet18",
+        "jigsaw",
+        "skip",
+        "[0.5, 1.0]",
+        "[1, 2, 3]",
+        "[]",
+        "[null, 1]",
+        "[a, b, c]",
+        "[[1]]",
+        "9" * 30,
+        "-" + "9" * 30,
+        "~",
+        "/",
+        ".",
+    ]
+)
 # long names: past NAME_MAX (255 bytes) and PATH_MAX (4096) the file system itself refuses them
 _long = st.builds(lambda piece, n: piece * n, st.sampled_from(["a", "é", "a/", "../"]), st.integers(100, 2000))
 _scalar = st.one_of(
@@ -40,22 +85,51 @@ _scalar = st.one_of(
 _value = st.one_of(_scalar, st.lists(_scalar, max_size=4).map(lambda xs: "[" + ",".join(xs) + "]"))
 _key = st.one_of(
     st.sampled_from(KEYS),
-    st.sampled_from(["loss", "loss.", ".lam", "loss.lam.x", "LOSS.LAM", "loss.Lam", "bogus.key", "data.mean.0",
-                     "train.seed.", "optim..epochs", "", " loss.lam"]),
+    st.sampled_from(
+        [
+            "loss",
+            "loss.",
+            ".lam",
+            "loss.lam.x",
+            "LOSS.LAM",
+            "loss.Lam",
+            "bogus.key",
+            "data.mean.0",
+            "train.seed.",
+            "optim..epochs",
+            "",
+            " loss.lam",
+        ]
+    ),
     _text,
 )
 override = st.one_of(st.builds("{}={}".format, _key, _value), _text, _tricky)
 
 _flag = st.sampled_from(["--resume", "--print-config", "--download", "--random-init", "--", "-x", "--bogus", "-h"])
 _with_value = st.tuples(
-    st.sampled_from(["--data", "--out", "--preset", "--epochs", "--batch-size", "--seed", "--data-root", "--model",
-                     "--val-data", "--stage", "--workers"]),
+    st.sampled_from(
+        [
+            "--data",
+            "--out",
+            "--preset",
+            "--epochs",
+            "--batch-size",
+            "--seed",
+            "--data-root",
+            "--model",
+            "--val-data",
+            "--stage",
+            "--workers",
+        ]
+    ),
     st.one_of(_text, _tricky, _long, st.sampled_from([*PRESETS, "cpu-quick.yaml", "x.yml", "0", "-3", "7", "pool"])),
 )
 _tokens = st.one_of(_flag.map(lambda f: [f]), _with_value.map(list), st.one_of(override, _long).map(lambda o: [o]))
-argv = st.tuples(st.sampled_from(["train", "train", "train", "export", "eval", "demo", "bogus", ""]),
-                 st.sampled_from([[], ["knn"], ["linear"], ["pool"]]),
-                 st.lists(_tokens, max_size=8)).map(lambda t: [t[0], *t[1], *(x for group in t[2] for x in group)])
+argv = st.tuples(
+    st.sampled_from(["train", "train", "train", "export", "eval", "demo", "bogus", ""]),
+    st.sampled_from([[], ["knn"], ["linear"], ["pool"]]),
+    st.lists(_tokens, max_size=8),
+).map(lambda t: [t[0], *t[1], *(x for group in t[2] for x in group)])
 
 
 def _one_line(err: PirlError) -> None:

@@ -4,12 +4,10 @@ goes on; a stage stopped by SIGTERM finishes cleanly; the PIRL run's summary say
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from helpers import REPO_ROOT
-
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +31,11 @@ def test_stage_results_failures_and_timeouts_are_recorded(gpu_check, tmp_path):
 
 
 def test_sigterm_after_the_budget_lets_the_command_finish(gpu_check, tmp_path):
-    code = ("import signal, sys, time\n"
-            "signal.signal(signal.SIGTERM, lambda *a: (print('{\"stopped\": \"SIGTERM\"}'), sys.exit(0)))\n"
-            "time.sleep(60)\n")
+    code = (
+        "import signal, sys, time\n"
+        'signal.signal(signal.SIGTERM, lambda *a: (print(\'{"stopped": "SIGTERM"}\'), sys.exit(0)))\n'
+        "time.sleep(60)\n"
+    )
     result = gpu_check.run_stage("term", [sys.executable, "-c", code], 30, tmp_path, term_after_s=1)
     assert result["status"] == "ok" and result["results"] == [{"stopped": "SIGTERM"}]
 

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import pirl.checkpoint as checkpoint_module
+from helpers import TINY, random_source, tiny_config
 from pirl.cache import clear_cache, entries, make_temp_dir, used
 from pirl.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from pirl.cli import main
@@ -26,7 +27,6 @@ from pirl.data.archive import extract_archive
 from pirl.errors import PirlError, WriteError
 from pirl.run_dir import LOCK_NAME, RunLock
 from pirl.train import train
-from helpers import TINY, random_source, tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -130,19 +130,29 @@ def test_resume_allows_epochs_logging_and_workers_and_records_them(tmp_path):
 
 def test_a_second_process_on_the_same_folder_stops_at_once(tmp_path, capsys):
     data, run = _pngs(tmp_path / "images"), tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from pirl.run_dir import RunLock; RunLock(Path(sys.argv[1])).acquire(); "
-                               "print('held', flush=True); time.sleep(60)", str(run)],
-                              stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from pirl.run_dir import RunLock; RunLock(Path(sys.argv[1])).acquire(); "
+            "print('held', flush=True); time.sleep(60)",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     try:
         run.mkdir()
         assert holder.stdout.readline().strip() == "held"
         assert main(["train", "--data", str(data), "--out", str(run), *TINY, "optim.epochs=1"]) == 2
         err = capsys.readouterr().err
-        assert _errors(err) == [f"error: {run} is in use by pirl train (process {holder.pid} on "
-                                f"{socket.gethostname()}); wait for it, or delete {run / LOCK_NAME} if that "
-                                "process is gone"]
+        assert _errors(err) == [
+            f"error: {run} is in use by pirl train (process {holder.pid} on "
+            f"{socket.gethostname()}); wait for it, or delete {run / LOCK_NAME} if that "
+            "process is gone"
+        ]
         assert list_checkpoints(run) == [] and not (run / "config.json").exists()
     finally:
         holder.kill()
@@ -194,7 +204,7 @@ class _FailingFile(io.RawIOBase):
     def write(self, data) -> int:
         data = bytes(data)
         if len(data) > self.budget:
-            self.real.write(data[:self.budget])
+            self.real.write(data[: self.budget])
             self.real.flush()
             raise OSError(errno.ENOSPC, "No space left on device")
         self.budget -= len(data)
@@ -243,8 +253,9 @@ def test_a_checkpoint_write_that_fails_mid_file_keeps_the_previous_one(tmp_path,
 def test_a_full_disk_during_training_exits_1_with_one_line(tmp_path, monkeypatch, capsys):
     data, run = _pngs(tmp_path / "images"), tmp_path / "run"
     _fail_writes_after(monkeypatch, 1)  # the first checkpoint (after step 1) is written, the second fails
-    code = main(["train", "--data", str(data), "--out", str(run), *TINY, "optim.epochs=1",
-                 "train.checkpoint_every_steps=1"])
+    code = main(
+        ["train", "--data", str(data), "--out", str(run), *TINY, "optim.epochs=1", "train.checkpoint_every_steps=1"]
+    )
     err = capsys.readouterr().err
     assert code == 1 and len(_errors(err)) == 1 and "Traceback" not in err, err
     assert f"cannot write checkpoint {run / 'checkpoint-e0000-s0000002.pt'}" in err and "it needs" in err
@@ -256,8 +267,9 @@ def test_a_full_disk_during_training_exits_1_with_one_line(tmp_path, monkeypatch
 # --------------------------------------------------------------------------- exit statuses
 
 
-@pytest.mark.parametrize("stopped, complete, code", [("SIGTERM", False, 143), ("SIGINT", False, 130),
-                                                     ("SIGTERM", True, 0), (None, True, 0)])
+@pytest.mark.parametrize(
+    "stopped, complete, code", [("SIGTERM", False, 143), ("SIGINT", False, 130), ("SIGTERM", True, 0), (None, True, 0)]
+)
 def test_exit_status_of_a_stopped_run(tmp_path, monkeypatch, capsys, stopped, complete, code):
     import pirl.train
 

@@ -16,14 +16,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from helpers import TINY
 from pirl.checkpoint import CHECKPOINT_FORMAT
 from pirl.cli import main
 from pirl.data.sources import open_source
+from pirl.errors import PirlError
 from pirl.eval.report import load_run
 from pirl.models.trunk import build_trunk
 from pirl.safe_io import atomic_write_text, open_append, read_regular
-from pirl.errors import PirlError
-from helpers import TINY
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
@@ -59,8 +59,19 @@ def _export(root: Path) -> Path:
     torch.manual_seed(0)
     root.mkdir(parents=True)
     save_file(build_trunk("resnet18", "imagenet").state_dict(), root / "model.safetensors")
-    (root / "config.json").write_text(json.dumps({"format": "pirl-export-1", "arch": "resnet18", "stem": "imagenet",
-                                                  "feature_dim": 512, "input_size": 16, "mean": MEAN, "std": STD}))
+    (root / "config.json").write_text(
+        json.dumps(
+            {
+                "format": "pirl-export-1",
+                "arch": "resnet18",
+                "stem": "imagenet",
+                "feature_dim": 512,
+                "input_size": 16,
+                "mean": MEAN,
+                "std": STD,
+            }
+        )
+    )
     return root
 
 
@@ -104,8 +115,9 @@ def test_cache_entry_that_does_not_repeat_its_key_is_recomputed(tmp_path) -> Non
     trunk = Trunk()
     f1, _ = extract_features_cached(trunk, data, cache_dir=tmp_path, key_parts={"k": 1}, device="cpu")
     (path,) = tmp_path.glob("*/features.pt")
-    torch.save({"key": "someone else's", "features": torch.zeros(6, 3), "labels": torch.zeros(6, dtype=torch.long)},
-               path)
+    torch.save(
+        {"key": "someone else's", "features": torch.zeros(6, 3), "labels": torch.zeros(6, dtype=torch.long)}, path
+    )
     calls = trunk.calls
     f2, _ = extract_features_cached(trunk, data, cache_dir=tmp_path, key_parts={"k": 1}, device="cpu")
     assert trunk.calls > calls and torch.equal(f1, f2)
@@ -160,8 +172,12 @@ def test_report_title_and_run_names_with_dollars(tmp_path, capsys) -> None:
     for name in ("plain", "r$\\frac{$"):
         run = tmp_path / name
         run.mkdir()
-        (run / "metrics.jsonl").write_text("".join(json.dumps({"kind": "train", "global_step": s, "loss": 1 / s,
-                                                               "loss_mean": 1 / s}) + "\n" for s in (1, 2, 3)))
+        (run / "metrics.jsonl").write_text(
+            "".join(
+                json.dumps({"kind": "train", "global_step": s, "loss": 1 / s, "loss_mean": 1 / s}) + "\n"
+                for s in (1, 2, 3)
+            )
+        )
         runs.append(run)
     code, out, err = _cli(capsys, "report", *runs, "--title", "$\\frac{$ cost $5", "--out", tmp_path / "r.html")
     assert code == 0, err
@@ -223,8 +239,22 @@ def test_eval_outputs_replace_planted_links(tmp_path, capsys) -> None:
         victims[name].write_text("keep me")
         (out / name).symlink_to(victims[name])
     for kind, extra in (("knn", []), ("retrieval", ["--queries", "2", "--k", "2"])):
-        code, _, err = _cli(capsys, "eval", kind, "--model", model, "--data", data, "--val-data", data,
-                            "--workers", "0", "--out", out, *extra)
+        code, _, err = _cli(
+            capsys,
+            "eval",
+            kind,
+            "--model",
+            model,
+            "--data",
+            data,
+            "--val-data",
+            data,
+            "--workers",
+            "0",
+            "--out",
+            out,
+            *extra,
+        )
         assert code == 0, err
     assert all(v.read_text() == "keep me" for v in victims.values())
     assert json.loads((out / "knn-pool.json").read_text())["eval"] == "knn"
@@ -262,8 +292,9 @@ def test_undecodable_image_with_a_non_utf8_name_is_listed(tmp_path, capsys) -> N
     with open(odd, "wb") as fh:
         fh.write(b"not an image")
     run = tmp_path / "run"
-    code, out, err = _cli(capsys, "train", "--data", data, "--out", run, *TINY, "optim.epochs=1",
-                          "data.max_bad_fraction=0.2")
+    code, out, err = _cli(
+        capsys, "train", "--data", data, "--out", run, *TINY, "optim.epochs=1", "data.max_bad_fraction=0.2"
+    )
     assert code == 0, err
     assert "skipped 1 undecodable image(s), e.g. " in out and "bad-\\xff.png" in out
     assert (run / "bad_images.txt").read_bytes().strip() == odd
@@ -273,8 +304,10 @@ def test_undecodable_image_with_a_non_utf8_name_is_listed(tmp_path, capsys) -> N
     ("meta", "message"),
     [
         ({"arch": "resnet18", "stem": "imagenet", "mean": MEAN, "std": STD}, "malformed pirl export (no input_size)"),
-        ({"arch": "resnet18", "stem": "imagenet", "input_size": 16, "mean": [1], "std": STD},
-         "malformed pirl export (mean is not three numbers)"),
+        (
+            {"arch": "resnet18", "stem": "imagenet", "input_size": 16, "mean": [1], "std": STD},
+            "malformed pirl export (mean is not three numbers)",
+        ),
         ([1, 2], "malformed pirl export (config.json is not a JSON object)"),
         ("{not json", "not readable JSON"),
     ],
@@ -291,8 +324,10 @@ def test_malformed_export_is_one_line(tmp_path, capsys, meta, message) -> None:
     ("state", "message"),
     [
         ({"method": {}, "epoch": 0, "step": 0}, "malformed pirl checkpoint (no 'config' dict)"),
-        ({"config": {"model": {"arch": "resnet18"}}, "method": {}, "epoch": 0, "step": 0},
-         "malformed pirl checkpoint (no model.stem in its config)"),
+        (
+            {"config": {"model": {"arch": "resnet18"}}, "method": {}, "epoch": 0, "step": 0},
+            "malformed pirl checkpoint (no model.stem in its config)",
+        ),
         ({"config": {}, "method": {"w": 1}, "epoch": 0, "step": 0}, "not a mapping of names to tensors"),
     ],
 )
@@ -300,8 +335,10 @@ def test_malformed_checkpoint_is_one_line(tmp_path, capsys, state, message) -> N
     data = _colour_folder(tmp_path / "data", {"a": 0, "b": 1}, per_class=2)
     ckpt = tmp_path / "checkpoint-e0001-s0000000.pt"
     torch.save({"format": CHECKPOINT_FORMAT, **state}, ckpt)
-    for args in (["eval", "knn", "--model", ckpt, "--data", data, "--workers", "0"], ["export", ckpt,
-                                                                                        "--out", tmp_path / "x"]):
+    for args in (
+        ["eval", "knn", "--model", ckpt, "--data", data, "--workers", "0"],
+        ["export", ckpt, "--out", tmp_path / "x"],
+    ):
         code, out, err = _cli(capsys, *args)
         assert code == 2 and err.count("\n") == 1 and message in err, err
 
@@ -312,8 +349,12 @@ def test_checkpoint_whose_trunk_does_not_fit_is_one_line(tmp_path, capsys) -> No
 
     data = _colour_folder(tmp_path / "data", {"a": 0, "b": 1}, per_class=2)
     ckpt = tmp_path / "checkpoint-e0001-s0000000.pt"
-    state = {"config": config_to_dict(tiny_config()), "method": {"encoder.trunk.conv1.weight": torch.zeros(1)},
-             "epoch": 1, "step": 0}
+    state = {
+        "config": config_to_dict(tiny_config()),
+        "method": {"encoder.trunk.conv1.weight": torch.zeros(1)},
+        "epoch": 1,
+        "step": 0,
+    }
     torch.save({"format": CHECKPOINT_FORMAT, **state}, ckpt)
     code, out, err = _cli(capsys, "eval", "knn", "--model", ckpt, "--data", data, "--workers", "0")
     assert code == 2 and err.count("\n") == 1 and "trunk weights do not fit resnet18" in err, err

@@ -28,9 +28,23 @@ def _tiny_cifar(root: Path) -> Path:
 
 
 def _reproduce(tmp_path: Path, *names: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(SCRIPT), "--data", str(tmp_path / "cifar"), "--out", str(tmp_path / "runs"),
-           "--results", str(tmp_path / "reproduction.json"), "--html", str(tmp_path / "reproduction.html"),
-           "--smoke", "--eval-train-every", "1", "--only", *names]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--data",
+        str(tmp_path / "cifar"),
+        "--out",
+        str(tmp_path / "runs"),
+        "--results",
+        str(tmp_path / "reproduction.json"),
+        "--html",
+        str(tmp_path / "reproduction.html"),
+        "--smoke",
+        "--eval-train-every",
+        "1",
+        "--only",
+        *names,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
@@ -71,9 +85,22 @@ def test_reproduce_invariance_keeps_histograms_of_each_model_in_the_results(tmp_
     _tiny_cifar(tmp_path / "cifar")
     early = _reproduce(tmp_path, "main-pirl-s0")
     assert early.returncode == 0, early.stderr[-2000:]
-    cmd = [sys.executable, str(SCRIPT), "--data", str(tmp_path / "cifar"), "--out", str(tmp_path / "runs"),
-           "--results", str(tmp_path / "reproduction.json"), "--html", str(tmp_path / "reproduction.html"),
-           "--smoke", "--eval-train-every", "1", "--invariance"]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--data",
+        str(tmp_path / "cifar"),
+        "--out",
+        str(tmp_path / "runs"),
+        "--results",
+        str(tmp_path / "reproduction.json"),
+        "--html",
+        str(tmp_path / "reproduction.html"),
+        "--smoke",
+        "--eval-train-every",
+        "1",
+        "--invariance",
+    ]
     skipped = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert skipped.returncode == 0 and "skip invariance: needs main-npid-s0, main-jigsaw-s0 first" in skipped.stdout
     assert _reproduce(tmp_path, "main-npid-s0", "main-jigsaw-s0").returncode == 0

@@ -6,9 +6,9 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 
+from helpers import random_source, tiny_config
 from pirl.checkpoint import export, latest_checkpoint, list_checkpoints, load_checkpoint
 from pirl.train import train
-from helpers import random_source, tiny_config
 
 
 def _final_state(run_dir):
@@ -33,19 +33,22 @@ def test_resume_from_epoch_k_equals_uninterrupted_run(tmp_path):
     full, split = _final_state(tmp_path / "full"), _final_state(tmp_path / "split")
     _assert_same(full[0], split[0])  # trunk, heads, bank, Z: bit-identical
     assert "bank.memory" in full[0]
-    losses = [json.loads(x)["loss"] for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
-              if '"train"' in x]
-    resumed = [json.loads(x)["loss"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
-               if '"train"' in x]
-    assert resumed == losses[-len(resumed):] and len(resumed) == 2 * len(losses) // 3
+    losses = [
+        json.loads(x)["loss"] for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines() if '"train"' in x
+    ]
+    resumed = [
+        json.loads(x)["loss"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines() if '"train"' in x
+    ]
+    assert resumed == losses[-len(resumed) :] and len(resumed) == 2 * len(losses) // 3
 
 
 @pytest.mark.parametrize("bank_dtype", ["float32", "float16"])
 def test_resume_from_a_mid_epoch_checkpoint(tmp_path, bank_dtype):
     source = random_source(48)
     train(tiny_config("optim.epochs=2", f"loss.bank_dtype={bank_dtype}"), source, tmp_path / "full", progress=False)
-    cfg = tiny_config("optim.epochs=2", "train.checkpoint_every_steps=2", "train.keep_checkpoints=10",
-                      f"loss.bank_dtype={bank_dtype}")
+    cfg = tiny_config(
+        "optim.epochs=2", "train.checkpoint_every_steps=2", "train.keep_checkpoints=10", f"loss.bank_dtype={bank_dtype}"
+    )
     train(cfg, source, tmp_path / "mid", progress=False)
     # keep only a checkpoint from the middle of epoch 1, as if the run had died there
     for path in list_checkpoints(tmp_path / "mid"):
@@ -106,8 +109,12 @@ def test_metrics_jsonl_and_tensorboard_are_written(tmp_path):
 
 
 def test_small_dataset_adapts_negatives_and_batch(tmp_path, recwarn):
-    summary = train(tiny_config("optim.epochs=1", "optim.batch_size=64", "loss.negatives=1000"),
-                    random_source(20), tmp_path / "run", progress=False)
+    summary = train(
+        tiny_config("optim.epochs=1", "optim.batch_size=64", "loss.negatives=1000"),
+        random_source(20),
+        tmp_path / "run",
+        progress=False,
+    )
     messages = " ".join(str(w.message) for w in recwarn)
     assert "loss.negatives" in messages and "optim.batch_size" in messages
     assert summary["num_samples"] == 20

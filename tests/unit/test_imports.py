@@ -63,10 +63,9 @@ def import_graph(src: Path, top: str = "pirl", module_level: bool = True) -> dic
             else:
                 base = node.module or ""
                 if node.level:  # relative: from the package, one level up per extra dot
-                    anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                    anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                     base = ".".join(anchor + ([base] if base else []))
-                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base
-                           for alias in node.names]
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base for alias in node.names]
             for target in targets:
                 while target and target not in files:  # ``import pirl.x.y`` of a name that is no module
                     target = target.rpartition(".")[0]
@@ -151,8 +150,13 @@ def test_the_graph_builder_finds_a_planted_cycle_and_layering_breach(tmp_path):
     (pkg / "sub" / "b.py").write_text("from .. import a\nthing = 1\n")
     (pkg / "c.py").write_text("from pkg.sub import thing\n")
     graph = import_graph(tmp_path, "pkg")
-    assert graph == {"pkg": set(), "pkg.sub": {"pkg.sub.b"}, "pkg.a": {"pkg.sub.b"}, "pkg.sub.b": {"pkg.a"},
-                     "pkg.c": {"pkg.sub"}}
+    assert graph == {
+        "pkg": set(),
+        "pkg.sub": {"pkg.sub.b"},
+        "pkg.a": {"pkg.sub.b"},
+        "pkg.sub.b": {"pkg.a"},
+        "pkg.c": {"pkg.sub"},
+    }
     assert find_cycles(graph) == [["pkg.a", "pkg.sub.b"]]
     assert _violations(graph, "pkg.c", ("pkg.a",)) == {"pkg.c": ["pkg.a"]}  # through pkg.sub and pkg.sub.b
     assert "pkg.c" in import_graph(tmp_path, "pkg", module_level=False)["pkg.a"]

@@ -15,13 +15,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from pirl.bank.kinds import BANK_DTYPE_NAMES, BANK_KINDS
-from pirl.seeding import mix_seed
+# re-exported (in __all__): these load no torch
+from pirl.bank.kinds import BANK_DTYPE_NAMES, BANK_KINDS  # noqa: F401
+from pirl.seeding import mix_seed  # noqa: F401
 
 _EXPORTS = {
-    "BANK_DTYPES": "pirl.bank.replicated", "INIT_BLOCK": "pirl.bank.replicated", "MemoryBank": "pirl.bank.replicated",
+    "BANK_DTYPES": "pirl.bank.replicated",
+    "INIT_BLOCK": "pirl.bank.replicated",
+    "MemoryBank": "pirl.bank.replicated",
     "initial_rows": "pirl.bank.replicated",
-    "GATHER_PIECE": "pirl.bank.scoring", "dense_scores": "pirl.bank.scoring", "gathered_scores": "pirl.bank.scoring",
+    "GATHER_PIECE": "pirl.bank.scoring",
+    "dense_scores": "pirl.bank.scoring",
+    "gathered_scores": "pirl.bank.scoring",
     "ShardedMemoryBank": "pirl.bank.sharded",
     "build_bank": "pirl.bank.build",
 }

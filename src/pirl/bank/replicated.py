@@ -19,8 +19,8 @@ from pirl.distributed.collectives import distributed as _distributed
 from pirl.seeding import mix_seed
 
 # Storage of the rows (``bank.dtype``). float16 halves the bank's memory and the bytes each gather reads;
-# unit vectors lose nothing that matters in it (cosine scores within 5e-4 of float32 ones, tests/unit/bank/test_bank.py),
-# and every score, loss and update is still computed in float32.
+# unit vectors lose nothing that matters in it (cosine scores within 5e-4 of float32 ones,
+# tests/unit/bank/test_bank.py), and every score, loss and update is still computed in float32.
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 assert tuple(BANK_DTYPES) == BANK_DTYPE_NAMES
 # Initial rows are drawn in blocks of this many rows, each from its own seed, so that a rank can draw the rows
@@ -39,7 +39,7 @@ def initial_rows(num_samples: int, dim: int, seed: int, start: int = 0, stop: in
         first = block * INIT_BLOCK
         gen = torch.Generator().manual_seed(mix_seed(seed, 0x8A4C, block))
         drawn = torch.rand(min(INIT_BLOCK, num_samples - first), dim, generator=gen) * (2 * bound) - bound
-        blocks.append(drawn[max(start - first, 0):stop - first])
+        blocks.append(drawn[max(start - first, 0) : stop - first])
     return F.normalize(torch.cat(blocks), dim=1)
 
 
@@ -60,8 +60,9 @@ class MemoryBank(nn.Module):
     dense_ratio: float = 12.0
     kind = "replicated"
 
-    def __init__(self, num_samples: int, dim: int = 128, momentum: float = 0.5, seed: int = 0,
-                 dtype: str = "float32") -> None:
+    def __init__(
+        self, num_samples: int, dim: int = 128, momentum: float = 0.5, seed: int = 0, dtype: str = "float32"
+    ) -> None:
         super().__init__()
         if dtype not in BANK_DTYPES:
             raise ValueError(f"unknown bank dtype {dtype!r}; choose one of {', '.join(BANK_DTYPES)}")
@@ -75,9 +76,18 @@ class MemoryBank(nn.Module):
         """The whole N x D bank for a checkpoint. A collective: call it on every rank (None off rank 0 when sharded)."""
         return self.memory
 
-    def sample_negatives(self, positives: torch.Tensor, k: int, step: int, term: int, *, shared: bool = False,
-                         exclude_positive: bool = False, global_batch: int | None = None,
-                         offset: int = 0) -> torch.Tensor:
+    def sample_negatives(
+        self,
+        positives: torch.Tensor,
+        k: int,
+        step: int,
+        term: int,
+        *,
+        shared: bool = False,
+        exclude_positive: bool = False,
+        global_batch: int | None = None,
+        offset: int = 0,
+    ) -> torch.Tensor:
         """Indices of negatives: (B, K), or (K,) when ``shared``.
 
         The draw is made for the whole ``global_batch`` and rows ``offset:offset + B`` are this rank's, so one
@@ -90,7 +100,7 @@ class MemoryBank(nn.Module):
         batch = positives.shape[0]
         high = self.num_samples - 1 if exclude_positive else self.num_samples
         draw = torch.randint(0, high, (global_batch or batch, k), generator=gen, device=device)
-        draw = draw[offset:offset + batch]
+        draw = draw[offset : offset + batch]
         if exclude_positive:  # uniform over D \ {I}: shift the indices at or above the positive by one
             draw = draw + (draw >= positives.unsqueeze(1)).long()
         return draw

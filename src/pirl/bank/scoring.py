@@ -31,7 +31,7 @@ class _GatheredScores(torch.autograd.Function):
             return torch.bmm(rows.to(emb.dtype), emb.unsqueeze(2)).squeeze(2)
         scores = emb.new_empty(batch, k)
         for b, start, rows in _pieces(memory, negatives, emb.dtype):
-            torch.mv(rows, emb[b], out=scores[b, start:start + len(rows)])
+            torch.mv(rows, emb[b], out=scores[b, start : start + len(rows)])
         return scores
 
     @staticmethod
@@ -47,13 +47,14 @@ class _GatheredScores(torch.autograd.Function):
             if memory.dtype != grad.dtype:
                 scale = grad.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
                 weights = (grad / scale).to(memory.dtype)
-            grad_emb = F.embedding_bag(negatives.reshape(-1), memory, offsets, mode="sum",
-                                       per_sample_weights=weights.reshape(-1)).to(grad.dtype)
+            grad_emb = F.embedding_bag(
+                negatives.reshape(-1), memory, offsets, mode="sum", per_sample_weights=weights.reshape(-1)
+            ).to(grad.dtype)
             return (grad_emb if scale is None else grad_emb * scale), None, None
         # a float16 bank on the CPU, whose embedding_bag would sum in float16: widen the rows piece by piece
         grad_emb = grad.new_zeros(batch, memory.shape[1])
         for b, start, rows in _pieces(memory, negatives, grad.dtype):
-            grad_emb[b].addmv_(rows.T, grad[b, start:start + len(rows)])
+            grad_emb[b].addmv_(rows.T, grad[b, start : start + len(rows)])
         return grad_emb, None, None
 
 
@@ -67,10 +68,10 @@ def _pieces(memory: torch.Tensor, negatives: torch.Tensor, dtype: torch.dtype):
     for b in range(batch):
         for start in range(0, k, piece):
             stop = min(start + piece, k)
-            rows = buffer[:stop - start]
+            rows = buffer[: stop - start]
             torch.index_select(memory, 0, negatives[b, start:stop], out=rows)
             if widened is not buffer:
-                rows = widened[:stop - start].copy_(rows)
+                rows = widened[: stop - start].copy_(rows)
             yield b, start, rows
 
 
@@ -85,5 +86,5 @@ def dense_scores(emb: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
 
 
 def gathered_scores(emb: torch.Tensor, memory: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-    """Scores (B, K) of embeddings ``emb`` (B, D) against their own rows ``memory[negatives]`` (``negatives``: B x K)."""
+    """Scores (B, K) of embeddings ``emb`` (B, D) against their rows ``memory[negatives]`` (``negatives``: B x K)."""
     return _GatheredScores.apply(emb, memory, negatives)

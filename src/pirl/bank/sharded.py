@@ -7,7 +7,8 @@ sends the score back. Per rank and loss term that moves B (1 + K) requests (8 by
 (4 bytes forward, 4 backward), plus the W B D gathered embeddings, whatever N is. The alternatives are dearer:
 fetching the rows themselves moves B (1 + K) D floats (32 times the bytes at D = 128), and all-gathering every
 rank's requests so that each owner scores its share locally moves and scans W B (1 + K) indices on every rank
-(W times more). Gradients reach the embeddings through the gather and the return trip (:mod:`pirl.distributed.collectives`).
+(W times more). Gradients reach the embeddings through the gather and the return trip
+(:mod:`pirl.distributed.collectives`).
 
 Negatives are drawn exactly as in :class:`~pirl.bank.replicated.MemoryBank` (the same global draw, sliced per rank), and
 the update all-gathers embeddings and indices as there, each rank writing only the rows it owns. With one process
@@ -34,8 +35,16 @@ class ShardedMemoryBank(MemoryBank):
 
     kind = "sharded"
 
-    def __init__(self, num_samples: int, dim: int = 128, momentum: float = 0.5, seed: int = 0,
-                 rank: int | None = None, world: int | None = None, dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        dim: int = 128,
+        momentum: float = 0.5,
+        seed: int = 0,
+        rank: int | None = None,
+        world: int | None = None,
+        dtype: str = "float32",
+    ) -> None:
         if world is None:
             world = dist.get_world_size() if distributed() else 1
             rank = dist.get_rank() if distributed() else 0
@@ -73,8 +82,7 @@ class ShardedMemoryBank(MemoryBank):
         back = all_to_all(answers, recv_sizes, send_sizes)
         return self.unsort(back, order, emb.shape[0])
 
-    def plan(self, positives: torch.Tensor, negatives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                            torch.Tensor]:
+    def plan(self, positives: torch.Tensor, negatives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Asking side: (requests sorted by owner, their order in the flattened (B, 1 + K) scores, how many go
         to each rank). Within an owner the requests keep their row-major order. A request is one int64,
         ``sample * N + row``: half the bytes of a (sample, row) pair."""
@@ -85,8 +93,9 @@ class ShardedMemoryBank(MemoryBank):
         requests = sample * self.num_samples + wanted[order]
         return requests, order, torch.bincount(owners, minlength=self.world)
 
-    def answer(self, all_emb: torch.Tensor, asked: torch.Tensor, counts: torch.Tensor, batch: int,
-               k: int) -> torch.Tensor:
+    def answer(
+        self, all_emb: torch.Tensor, asked: torch.Tensor, counts: torch.Tensor, batch: int, k: int
+    ) -> torch.Tensor:
         """Owning side: the score of each asked (sample, row) request, ``counts[r]`` of them from rank r, whose
         samples are rows ``r * batch:(r + 1) * batch`` of the gathered embeddings ``all_emb``."""
         asker = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
@@ -129,7 +138,7 @@ class ShardedMemoryBank(MemoryBank):
                 dist.send(self.memory.contiguous(), dst=0)
             return None
         full = torch.empty(self.num_samples, self.dim, dtype=self.memory.dtype)
-        full[self.start:self.stop] = self.memory.cpu()
+        full[self.start : self.stop] = self.memory.cpu()
         for rank in range(1, self.world):  # one shard at a time: rank 0 holds at most one extra on its device
             lo, hi = self.bounds[rank], self.bounds[rank + 1]
             if hi > lo:
@@ -143,5 +152,5 @@ class ShardedMemoryBank(MemoryBank):
         key = prefix + "memory"
         full = state_dict.get(key)
         if full is not None and full.shape[0] == self.num_samples != self.memory.shape[0]:
-            state_dict = {**state_dict, key: full[self.start:self.stop]}
+            state_dict = {**state_dict, key: full[self.start : self.stop]}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

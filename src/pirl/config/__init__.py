@@ -5,10 +5,28 @@ layout (the method's and the bank's keys in ``loss``) still load (:mod:`pirl.con
 """
 
 from pirl.config.load import PRESETS, config_to_dict, load_config, validate
-from pirl.config.schema import (BankConfig, Config, DataConfig, LossConfig, MethodConfig, ModelConfig, OptimConfig,
-                                TrainConfig)
+from pirl.config.schema import (
+    BankConfig,
+    Config,
+    DataConfig,
+    LossConfig,
+    MethodConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+)
 
 __all__ = [
-    "PRESETS", "BankConfig", "Config", "DataConfig", "LossConfig", "MethodConfig", "ModelConfig", "OptimConfig",
-    "TrainConfig", "config_to_dict", "load_config", "validate",
+    "PRESETS",
+    "BankConfig",
+    "Config",
+    "DataConfig",
+    "LossConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "config_to_dict",
+    "load_config",
+    "validate",
 ]

@@ -61,8 +61,10 @@ def translate_tree(tree: Any, spelled: dict[str, str] | None = None) -> Any:
             target = out[section]
             value = loss.pop(name)
             if key in target and target[key] != value:
-                raise PirlError(f"the config gives both {old}={value!r} and {new}={target[key]!r}; {old} is the old "
-                                f"name of {new}: keep one")
+                raise PirlError(
+                    f"the config gives both {old}={value!r} and {new}={target[key]!r}; {old} is the old "
+                    f"name of {new}: keep one"
+                )
             target[key] = value
             if spelled is not None:
                 spelled[new] = old

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -112,7 +113,6 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
-
 def validate(cfg: Config) -> None:
     """Raise :class:`PirlError` naming the first impossible value.
 
@@ -131,17 +131,30 @@ def validate(cfg: Config) -> None:
             # torch and the data pipeline take C integers; the seed feeds 64-bit generators
             limit = 2**63 if key == "train.seed" else 2**31
             check(all(abs(v) < limit for v in numbers if isinstance(v, int)), key, value, "is too large")
-    for key, value in (("data.image_size", d.image_size), ("data.jigsaw_crop", d.jigsaw_crop),
-                       ("data.patch_size", d.patch_size), ("data.grid", d.grid), ("model.embed_dim", m.embed_dim),
-                       ("model.mlp_hidden", m.mlp_hidden), ("optim.epochs", o.epochs),
-                       ("optim.batch_size", o.batch_size),
-                       ("train.keep_checkpoints", t.keep_checkpoints), ("train.log_every", t.log_every),
-                       ("train.knn_max_images", t.knn_max_images)):
+    for key, value in (
+        ("data.image_size", d.image_size),
+        ("data.jigsaw_crop", d.jigsaw_crop),
+        ("data.patch_size", d.patch_size),
+        ("data.grid", d.grid),
+        ("model.embed_dim", m.embed_dim),
+        ("model.mlp_hidden", m.mlp_hidden),
+        ("optim.epochs", o.epochs),
+        ("optim.batch_size", o.batch_size),
+        ("train.keep_checkpoints", t.keep_checkpoints),
+        ("train.log_every", t.log_every),
+        ("train.knn_max_images", t.knn_max_images),
+    ):
         check(value >= 1, key, value, "must be at least 1")
-    for key, value in (("data.min_size", d.min_size), ("data.workers", d.workers), ("train.threads", t.threads),
-                       ("train.checkpoint_every_steps", t.checkpoint_every_steps), ("data.subset", d.subset),
-                       ("train.knn_every", t.knn_every),
-                       ("optim.warmup_epochs", o.warmup_epochs), ("optim.weight_decay", o.weight_decay)):
+    for key, value in (
+        ("data.min_size", d.min_size),
+        ("data.workers", d.workers),
+        ("train.threads", t.threads),
+        ("train.checkpoint_every_steps", t.checkpoint_every_steps),
+        ("data.subset", d.subset),
+        ("train.knn_every", t.knn_every),
+        ("optim.warmup_epochs", o.warmup_epochs),
+        ("optim.weight_decay", o.weight_decay),
+    ):
         check(value >= 0, key, value, "must not be negative")
     for key, scale in (("data.image_scale", d.image_scale), ("data.jigsaw_scale", d.jigsaw_scale)):
         check(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, key, list(scale), "needs 0 < low <= high <= 1")
@@ -149,8 +162,12 @@ def validate(cfg: Config) -> None:
         check(len(triple) == 3, key, list(triple), "needs three values (R, G, B)")
     check(all(s > 0 for s in d.std), "data.std", list(d.std), "must be positive")
     cell = d.jigsaw_crop // d.grid
-    check(d.patch_size <= cell, "data.patch_size", d.patch_size,
-          f"must fit in a jigsaw cell of data.jigsaw_crop // data.grid = {cell} pixels")
+    check(
+        d.patch_size <= cell,
+        "data.patch_size",
+        d.patch_size,
+        f"must fit in a jigsaw cell of data.jigsaw_crop // data.grid = {cell} pixels",
+    )
     choice("data.augment", d.augment, AUGMENTATIONS)
     check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1]")
     if not is_timm_arch(m.arch):
@@ -176,7 +193,11 @@ def validate(cfg: Config) -> None:
     check(o.warmup_epochs < o.epochs, "optim.warmup_epochs", o.warmup_epochs, "must be below optim.epochs")
     check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
     choice("train.nonfinite", t.nonfinite, ("stop", "skip"))
-    check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "train.device", t.device,
-          "must be auto, cpu, cuda or cuda:N")
+    check(
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
+        "train.device",
+        t.device,
+        "must be auto, cpu, cuda or cuda:N",
+    )
     check(t.seed >= 0, "train.seed", t.seed, "must not be negative")
     check(t.dist_timeout_s > 0, "train.dist_timeout_s", t.dist_timeout_s, "must be positive")

@@ -47,8 +47,9 @@ class ModelConfig:
     head_bn: bool = False  # end f and g with BatchNorm1d (no affine): centred embeddings, see models/heads.py
     embed_dim: int = 128
     mlp_hidden: int = 2048
-    # Starting weights of the trunk: "" (random), torchvision:<weights enum> (torchvision:ResNet50_Weights.IMAGENET1K_V2),
-    # timm:<model name> (needs timm) or the path of a pirl export, run directory or checkpoint. Heads start random.
+    # Starting weights of the trunk: "" (random), torchvision:<weights enum>
+    # (torchvision:ResNet50_Weights.IMAGENET1K_V2), timm:<model name> (needs timm) or the path of a pirl export,
+    # run directory or checkpoint. Heads start random.
     init: str = ""
 
 

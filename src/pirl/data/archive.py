@@ -16,11 +16,25 @@ from pathlib import Path, PureWindowsPath
 from pirl.cache import make_temp_dir, used
 from pirl.errors import PirlError
 
-__all__ = ["ARCHIVE_SUFFIXES", "ArchiveLimits", "default_cache_dir", "is_archive_path", "archive_stem", "extract_archive"]
+__all__ = [
+    "ARCHIVE_SUFFIXES",
+    "ArchiveLimits",
+    "default_cache_dir",
+    "is_archive_path",
+    "archive_stem",
+    "extract_archive",
+]
 
 #: Suffixes recognised as archives (lower case); content decides tar vs zip when extracting.
 ARCHIVE_SUFFIXES: tuple[str, ...] = (
-    ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar", ".zip",
+    ".tar.gz",
+    ".tgz",
+    ".tar.bz2",
+    ".tbz2",
+    ".tar.xz",
+    ".txz",
+    ".tar",
+    ".zip",
 )
 
 #: Written into the extraction folder last; its presence means the folder is complete.
@@ -64,7 +78,7 @@ class ArchiveLimits:
     max_ratio: float = 200.0
 
     @classmethod
-    def from_env(cls) -> "ArchiveLimits":
+    def from_env(cls) -> ArchiveLimits:
         """The defaults, overridden by the ``$PIRL_ARCHIVE_MAX_*`` variables."""
         values: dict[str, float] = {}
         for name, cast in (("max_bytes", int), ("max_members", int), ("max_ratio", float)):
@@ -84,22 +98,30 @@ class ArchiveLimits:
 def _check_totals(archive: Path, count: int, total: int, limits: ArchiveLimits, dest: Path) -> None:
     hint = "raise it with PIRL_ARCHIVE_{} if the archive is trusted"
     if count > limits.max_members:
-        raise PirlError(f"{archive}: {count:,} members, more than the limit of {limits.max_members:,}; "
-                        + hint.format("MAX_MEMBERS"))
+        raise PirlError(
+            f"{archive}: {count:,} members, more than the limit of {limits.max_members:,}; "
+            + hint.format("MAX_MEMBERS")
+        )
     if total > limits.max_bytes:
-        raise PirlError(f"{archive}: unpacks to {total:,} bytes, more than the limit of {limits.max_bytes:,}; "
-                        + hint.format("MAX_BYTES"))
+        raise PirlError(
+            f"{archive}: unpacks to {total:,} bytes, more than the limit of {limits.max_bytes:,}; "
+            + hint.format("MAX_BYTES")
+        )
     size = max(archive.stat().st_size, 1)
     if total > 1 << 20 and total / size > limits.max_ratio:
-        raise PirlError(f"{archive}: unpacks to {total / size:,.0f} times its size ({total:,} bytes), more than "
-                        f"the ratio limit of {limits.max_ratio:g}; " + hint.format("MAX_RATIO"))
+        raise PirlError(
+            f"{archive}: unpacks to {total / size:,.0f} times its size ({total:,} bytes), more than "
+            f"the ratio limit of {limits.max_ratio:g}; " + hint.format("MAX_RATIO")
+        )
     try:
         free = shutil.disk_usage(dest).free
     except OSError:
         return
     if total > free:
-        raise PirlError(f"{archive}: unpacks to {total:,} bytes but only {free:,} are free under {dest.parent} "
-                        "(set PIRL_CACHE_DIR to a bigger disk)")
+        raise PirlError(
+            f"{archive}: unpacks to {total:,} bytes but only {free:,} are free under {dest.parent} "
+            "(set PIRL_CACHE_DIR to a bigger disk)"
+        )
 
 
 _SAMPLE = 1 << 20
@@ -113,8 +135,11 @@ def _cache_key(path: Path) -> str:
     """
     st = path.stat()
     digest = hashlib.sha256()
-    digest.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_dev}\0{st.st_ino}\0"
-                  f"{st.st_ctime_ns}\0".encode("utf-8", "surrogateescape"))
+    digest.update(
+        f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_dev}\0{st.st_ino}\0{st.st_ctime_ns}\0".encode(
+            "utf-8", "surrogateescape"
+        )
+    )
     try:
         with open(path, "rb") as fh:
             digest.update(fh.read(_SAMPLE))
@@ -257,8 +282,13 @@ def _extract_zip(zf: zipfile.ZipFile, dest: Path, archive: Path, limits: Archive
 
 
 _READ_ERRORS: tuple[type[BaseException], ...] = (
-    tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, zlib.error, EOFError,
-    NotImplementedError, RuntimeError,  # zip: unsupported compression, encrypted member
+    tarfile.TarError,
+    zipfile.BadZipFile,
+    gzip.BadGzipFile,
+    zlib.error,
+    EOFError,
+    NotImplementedError,
+    RuntimeError,  # zip: unsupported compression, encrypted member
 )
 
 
@@ -271,8 +301,9 @@ def _extract_into(archive: Path, dest: Path, limits: ArchiveLimits) -> None:
         _extract_tar(tar, dest, archive, limits)
 
 
-def extract_archive(archive_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *,
-                    limits: ArchiveLimits | None = None) -> Path:
+def extract_archive(
+    archive_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, limits: ArchiveLimits | None = None
+) -> Path:
     """Extract a tar(.gz/.bz2/.xz) or zip archive once and return the extracted folder.
 
     The folder is ``cache_dir/<stem>-<hash of (absolute path, size, mtime, inode, ctime, first and last

@@ -22,10 +22,19 @@ Steps:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
-__all__ = ["AUGMENTATIONS", "Blur", "Flip", "Grayscale", "Jitter", "Photometric", "RECIPES", "Step", "blur_kernel",
-           "recipe"]
+__all__ = [
+    "AUGMENTATIONS",
+    "Blur",
+    "Flip",
+    "Grayscale",
+    "Jitter",
+    "Photometric",
+    "RECIPES",
+    "Step",
+    "blur_kernel",
+    "recipe",
+]
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,7 @@ class Blur:
     divisor: int = 10
 
 
-Step = Union[Jitter, Photometric, Grayscale, Flip, Blur]
+Step = Jitter | Photometric | Grayscale | Flip | Blur
 
 RECIPES: dict[str, tuple[Step, ...]] = {
     # VISSL's PIRL recipe: jitter 0.4 (hue 0.2), the photometric group with p 0.66, grayscale, flip

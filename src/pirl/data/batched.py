@@ -34,8 +34,7 @@ __all__ = ["BatchedViews", "DecodeResize", "decode_size", "photometric_batch"]
 _RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range, as in views.py
 _LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 # _hue's triangles for R, G, B: clamp(sign * |h - centre| + offset, 0, 1), each (1, 3, 1, 1)
-_HUE_TRIANGLES = tuple(torch.tensor(v).view(1, 3, 1, 1)
-                       for v in ([3.0, 2.0, 4.0], [-1.0, 1.0, 1.0], [2.0, -1.0, -1.0]))
+_HUE_TRIANGLES = tuple(torch.tensor(v).view(1, 3, 1, 1) for v in ([3.0, 2.0, 4.0], [-1.0, 1.0, 1.0], [2.0, -1.0, -1.0]))
 _DEVICE_COPIES: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
@@ -71,7 +70,7 @@ class DecodeResize:
         out = torch.empty(3, self.size, self.size, dtype=torch.uint8)
         out[:, :nh, :nw] = t
         out[:, :nh, nw:] = t[:, :, -1:]
-        out[:, nh:, :] = out[:, nh - 1:nh, :]
+        out[:, nh:, :] = out[:, nh - 1 : nh, :]
         return {keys.IMAGE: out, keys.SIZE: torch.tensor([nh, nw])}
 
 
@@ -87,7 +86,7 @@ class _Draws:
 
     def uniform(self, *shape: int) -> torch.Tensor:
         u = torch.rand((self.total, *shape), generator=self.gen, device=self.device)
-        return u[self.offset:self.offset + self.batch]
+        return u[self.offset : self.offset + self.batch]
 
     def between(self, low: float, high: float, *shape: int) -> torch.Tensor:
         return low + (high - low) * self.uniform(*shape)
@@ -100,8 +99,9 @@ class _Draws:
         return self.uniform(*shape) < p
 
 
-def _resized_crop_boxes(draws: _Draws, height: torch.Tensor, width: torch.Tensor,
-                        scale: tuple[float, float]) -> torch.Tensor:
+def _resized_crop_boxes(
+    draws: _Draws, height: torch.Tensor, width: torch.Tensor, scale: tuple[float, float]
+) -> torch.Tensor:
     """RandomResizedCrop.get_params for every sample at once: (B, 4) float boxes (top, left, h, w).
 
     Ten attempts per sample, the first that fits wins; otherwise the central crop clamped to the ratio range.
@@ -196,8 +196,9 @@ def _hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return w.mul_(span.unsqueeze(1)).neg_().add_(v.unsqueeze(1))
 
 
-def _jitter_draws(draws: _Draws, n: int, strength: tuple[float, float, float, float],
-                  p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _jitter_draws(
+    draws: _Draws, n: int, strength: tuple[float, float, float, float], p: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ColorJitter's parameters for each of the B * n elements: ``on`` (N,) whether it is jittered at all
     (probability ``p``), ``order`` (N, 4) its own uniformly random order of the ops 0 brightness, 1 contrast,
     2 saturation, 3 hue (ColorJitter's ``randperm(4)``), and ``factors`` (N, 4): U[max(0, 1 - v), 1 + v] for the
@@ -217,8 +218,9 @@ def _blend_step_(x: torch.Tensor, keep: torch.Tensor, to_gray: torch.Tensor, to_
     return x.mul_(keep.view(-1, 1, 1, 1)).add_(gray.mul_(to_gray.view(-1, 1, 1, 1)).add_(mean)).clamp_(0, 1)
 
 
-def _color_jitter(x: torch.Tensor, draws: _Draws, n: int, strength: tuple[float, float, float, float],
-                  p: float) -> torch.Tensor:
+def _color_jitter(
+    x: torch.Tensor, draws: _Draws, n: int, strength: tuple[float, float, float, float], p: float
+) -> torch.Tensor:
     """RandomApply(ColorJitter(*strength), p) on each element on its own: its own factors, its own op order.
 
     Hue, the costly op, runs once, on all elements at once: before it come three blend steps, in which each
@@ -263,8 +265,14 @@ def _hflip(x: torch.Tensor, draws: _Draws, n: int, p: float = 0.5) -> torch.Tens
     return torch.where(draws.bernoulli(p, n).flatten().view(-1, 1, 1, 1), x.flip(-1), x)
 
 
-def _vissl_photometric(x: torch.Tensor, draws: _Draws, n: int, p: float = 0.66, bits: tuple[int, int] = (4, 8),
-                       sharpness: tuple[float, float] = (0.1, 1.9)) -> torch.Tensor:
+def _vissl_photometric(
+    x: torch.Tensor,
+    draws: _Draws,
+    n: int,
+    p: float = 0.66,
+    bits: tuple[int, int] = (4, 8),
+    sharpness: tuple[float, float] = (0.1, 1.9),
+) -> torch.Tensor:
     """Posterize (``bits``, 4-8), sharpness (U[``sharpness``], [0.1, 1.9]), solarize (threshold 0-256),
     autocontrast; with p per element."""
     u = draws.uniform(n, 4).flatten(0, 1)
@@ -286,8 +294,9 @@ def _vissl_photometric(x: torch.Tensor, draws: _Draws, n: int, p: float = 0.66, 
     return torch.where(on, y, x)
 
 
-def _gaussian_blur(x: torch.Tensor, draws: _Draws, n: int, kernel: int, p: float = 0.5,
-                   sigma_range: tuple[float, float] = (0.1, 2.0)) -> torch.Tensor:
+def _gaussian_blur(
+    x: torch.Tensor, draws: _Draws, n: int, kernel: int, p: float = 0.5, sigma_range: tuple[float, float] = (0.1, 2.0)
+) -> torch.Tensor:
     """Gaussian blur with sigma U[``sigma_range``] (U[0.1, 2]) per element, reflect padding (torchvision's
     GaussianBlur), with p."""
     u = draws.uniform(n, 2).flatten(0, 1)
@@ -341,8 +350,13 @@ class BatchedViews:
     ``global_batch`` and ``offset`` place this batch in the global one under torch.distributed.
     """
 
-    def __init__(self, cfg: DataConfig, pretext: str | None = "jigsaw", permutations: torch.Tensor | None = None,
-                 image: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: DataConfig,
+        pretext: str | None = "jigsaw",
+        permutations: torch.Tensor | None = None,
+        image: bool = True,
+    ) -> None:
         if pretext not in (None, "jigsaw", "rotation", "jigsaw_rotation"):
             raise ValueError(f"unknown pretext {pretext!r}")
         self.cfg, self.pretext, self.permutations, self.image = cfg, pretext, permutations, image
@@ -350,7 +364,7 @@ class BatchedViews:
         self._mean_std = (torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1))
 
     @classmethod
-    def like(cls, views: object) -> "BatchedViews | None":
+    def like(cls, views: object) -> BatchedViews | None:
         """The batched twin of a :class:`~pirl.data.views.PirlViews` (same config, pretext, permutation set and
         image flag); None for any other view function."""
         if type(views) is not PirlViews:
@@ -362,8 +376,16 @@ class BatchedViews:
         mean, std = _cached(self._mean_std, x.device, x.dtype)
         return (x - mean) / std
 
-    def _crop(self, x: torch.Tensor, height: torch.Tensor, width: torch.Tensor, size: int,
-              scale: tuple[float, float], draws: _Draws, turn: torch.Tensor | None) -> torch.Tensor:
+    def _crop(
+        self,
+        x: torch.Tensor,
+        height: torch.Tensor,
+        width: torch.Tensor,
+        size: int,
+        scale: tuple[float, float],
+        draws: _Draws,
+        turn: torch.Tensor | None,
+    ) -> torch.Tensor:
         """A RandomResizedCrop of each image, or of each image turned by ``turn`` x 90 degrees."""
         if turn is None:
             return _crop_resize(x, _resized_crop_boxes(draws, height, width, scale), size)
@@ -400,8 +422,15 @@ class BatchedViews:
         return patches.view(batch, g * g, 3, p, p), order, chosen
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, sizes: torch.Tensor | None, generator: torch.Generator, *,
-                 global_batch: int | None = None, offset: int = 0) -> dict[str, torch.Tensor]:
+    def __call__(
+        self,
+        images: torch.Tensor,
+        sizes: torch.Tensor | None,
+        generator: torch.Generator,
+        *,
+        global_batch: int | None = None,
+        offset: int = 0,
+    ) -> dict[str, torch.Tensor]:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, H, W) batch, got {tuple(images.shape)}")
         batch, device = images.shape[0], images.device

@@ -6,7 +6,8 @@ number of workers or processes, and a resumed run sees exactly the images the un
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
@@ -70,7 +71,12 @@ class EpochSampler(Sampler):
     def __init__(self, num_samples: int, global_batch: int, seed: int = 0, rank: int = 0, world: int = 1) -> None:
         assert global_batch % world == 0 and global_batch <= num_samples
         self.num_samples, self.global_batch, self.seed, self.rank, self.world = (
-            num_samples, global_batch, seed, rank, world)
+            num_samples,
+            global_batch,
+            seed,
+            rank,
+            world,
+        )
         self.local_batch = global_batch // world
         self.epoch, self.start_step = 0, 0
 
@@ -86,7 +92,7 @@ class EpochSampler(Sampler):
         perm = torch.randperm(self.num_samples, generator=gen).tolist()
         for step in range(self.start_step, self.steps_per_epoch):
             start = step * self.global_batch + self.rank * self.local_batch
-            for index in perm[start:start + self.local_batch]:
+            for index in perm[start : start + self.local_batch]:
                 yield self.epoch, index
 
     def __len__(self) -> int:

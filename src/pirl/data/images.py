@@ -14,7 +14,6 @@ import math
 import os
 import stat
 import warnings
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -38,9 +37,7 @@ __all__ = [
 DECODERS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 #: File name suffixes (lower case, with the dot) treated as images; matching is case-insensitive.
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-)
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 _DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS: 1024 * 1024 * 1024 // 4 // 3
 _DEFAULT_MAX_BYTES = 256 << 20
@@ -62,7 +59,7 @@ def _env_limit(name: str, default: int) -> int:
 _max_pixels: int = _env_limit("PIRL_MAX_IMAGE_PIXELS", _DEFAULT_MAX_PIXELS)
 _max_bytes: int = _env_limit("PIRL_MAX_IMAGE_BYTES", _DEFAULT_MAX_BYTES)
 
-PathOrBytes = Union[str, os.PathLike, bytes, bytearray, memoryview]
+PathOrBytes = str | os.PathLike | bytes | bytearray | memoryview
 
 
 class BadImageError(PirlError):
@@ -111,8 +108,9 @@ def _read_capped(path: str | os.PathLike, label: str, cap: int) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise BadImageError(f"{label}: not a regular file")
         if st.st_size > cap:
-            raise BadImageError(f"{label}: file too large ({st.st_size:,} bytes > {cap:,}; "
-                                "raise the limit with PIRL_MAX_IMAGE_BYTES)")
+            raise BadImageError(
+                f"{label}: file too large ({st.st_size:,} bytes > {cap:,}; raise the limit with PIRL_MAX_IMAGE_BYTES)"
+            )
         with os.fdopen(os.dup(fd), "rb") as fh:
             data = fh.read(cap + 1)
         if len(data) > cap:

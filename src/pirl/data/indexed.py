@@ -3,8 +3,8 @@ the invariance measure, the kNN monitor and the bank's initialisation all read."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -21,8 +21,9 @@ class SourceImages(Dataset):
     transform by it).
     """
 
-    def __init__(self, source: Any, transform: Callable[[Any], Any] | None = None,
-                 indices: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, source: Any, transform: Callable[[Any], Any] | None = None, indices: Sequence[int] | None = None
+    ) -> None:
         self.source, self.transform = source, transform
         self.indices = list(indices) if indices is not None else None
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import operator
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch.utils.data

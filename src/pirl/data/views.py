@@ -8,7 +8,7 @@ from :class:`pirl.config.DataConfig`: ImageNet (224 / 255 / 64) and 32-pixel ima
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -25,8 +25,9 @@ class VisslPhotometric(torch.nn.Module):
     """With probability p: posterize (``bits``, 4-8 by default), sharpness (factor U[``sharpness``], by default
     [0.1, 1.9]), solarize (threshold 0-256), autocontrast, in sequence (VISSL's ImgPilRandomPhotometric)."""
 
-    def __init__(self, p: float = 0.66, bits: tuple[int, int] = (4, 8),
-                 sharpness: tuple[float, float] = (0.1, 1.9)) -> None:
+    def __init__(
+        self, p: float = 0.66, bits: tuple[int, int] = (4, 8), sharpness: tuple[float, float] = (0.1, 1.9)
+    ) -> None:
         super().__init__()
         self.p, self.bits, self.sharpness = p, bits, sharpness
 
@@ -98,8 +99,9 @@ class ImageView(_View):
         return self.normalize(self.augment(self.crop(img)))
 
 
-def jigsaw_geometry(crop: int, grid: int, patch: int,
-                    order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def jigsaw_geometry(
+    crop: int, grid: int, patch: int, order: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random patch boxes of a jigsaw: (grid*grid, 2) top-left (y, x) corners, one patch per cell at an integer
     offset in [0, cell - patch] per axis, listed in a uniformly random order (or the given ``order``), and that
     order (cell of each patch)."""
@@ -125,7 +127,7 @@ class JigsawView(_View):
         puzzle = self.crop(img)
         p = self.cfg.patch_size
         corners, order = jigsaw_geometry(self.cfg.jigsaw_crop, self.cfg.grid, p, order)
-        patches = [self.normalize(self.augment(puzzle[:, y:y + p, x:x + p])) for y, x in corners.tolist()]
+        patches = [self.normalize(self.augment(puzzle[:, y : y + p, x : x + p])) for y, x in corners.tolist()]
         return torch.stack(patches), order
 
 
@@ -141,8 +143,13 @@ class PirlViews:
     leaves out the image view (a method that does not use it).
     """
 
-    def __init__(self, cfg: DataConfig, pretext: str | None = "jigsaw", permutations: torch.Tensor | None = None,
-                 image: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: DataConfig,
+        pretext: str | None = "jigsaw",
+        permutations: torch.Tensor | None = None,
+        image: bool = True,
+    ) -> None:
         self.pretext, self.permutations, self.image = pretext, permutations, image
         self.image_view = ImageView(cfg)
         self.jigsaw_view = JigsawView(cfg)

@@ -21,7 +21,6 @@ from pirl.data.indexed import SourceImages
 from pirl.data.sources import open_source
 from pirl.data.views import eval_transform
 from pirl.errors import PirlError
-from pirl.safe_io import atomic_write_text
 from pirl.eval import finetune as ft
 from pirl.eval import invariance as inv
 from pirl.eval import lowshot as ls
@@ -32,6 +31,7 @@ from pirl.eval.kinds import Kind
 from pirl.eval.knn import knn_accuracies
 from pirl.eval.linear import linear_probe
 from pirl.eval.models import LoadedModel, load_model
+from pirl.safe_io import atomic_write_text
 
 KINDS = tuple(KIND_SPECS)  # knn, linear, lowshot, finetune, invariance, retrieval
 
@@ -43,14 +43,38 @@ def _open(data: str, split: str, data_root: str | None, *, labels: bool = True) 
     return source
 
 
-def _features(model: LoadedModel, source: Any, data: str, split: str, *, stage: str, batch_size: int,
-              workers: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _features(
+    model: LoadedModel,
+    source: Any,
+    data: str,
+    split: str,
+    *,
+    stage: str,
+    batch_size: int,
+    workers: int,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     dataset = SourceImages(source, eval_transform(model.input_size, model.mean, model.std))
-    key = {"model": model.identity, "data": str(Path(data).resolve()) if Path(data).exists() else data,
-           "split": split, "n": len(source), "input_size": model.input_size, "mean": model.mean, "std": model.std}
-    return extract_features_cached(model.trunk, dataset, cache_dir=default_cache_dir() / "features", key_parts=key,
-                                   stage=stage, batch_size=batch_size, num_workers=workers, device=device,
-                                   progress=True)
+    key = {
+        "model": model.identity,
+        "data": str(Path(data).resolve()) if Path(data).exists() else data,
+        "split": split,
+        "n": len(source),
+        "input_size": model.input_size,
+        "mean": model.mean,
+        "std": model.std,
+    }
+    return extract_features_cached(
+        model.trunk,
+        dataset,
+        cache_dir=default_cache_dir() / "features",
+        key_parts=key,
+        stage=stage,
+        batch_size=batch_size,
+        num_workers=workers,
+        device=device,
+        progress=True,
+    )
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -100,8 +124,9 @@ class _Run:
         return "-random" if self.opts["random_init"] else ""
 
 
-def evaluate(kind: str, model_spec: str | Sequence[str], data: str, val_data: str | None = None,
-             **options: Any) -> dict[str, Any]:
+def evaluate(
+    kind: str, model_spec: str | Sequence[str], data: str, val_data: str | None = None, **options: Any
+) -> dict[str, Any]:
     """Run one evaluation; training images are the train split of ``data``, test images ``val_data`` (or the
     test/val split of ``data``). ``options`` are those of ``pirl eval KIND`` in Python spelling (see
     :data:`pirl.eval.kinds.KINDS`: ``stage``, ``batch_size``, ``workers``, ``seed``, ``shots``, ...); one that
@@ -133,10 +158,22 @@ def _finetune(run: _Run) -> dict[str, Any]:
     o = run.opts
     model, result = _load(run)
     train_src, test_src = _open(run.data, "train", o["data_root"]), _open(run.test_data, "test", o["data_root"])
-    res = ft.finetune(model.trunk, train_src, test_src, input_size=model.input_size, mean=model.mean,
-                      std=model.std, fraction=o["fraction"], epochs=o["epochs"], lr=o["lr"],
-                      batch_size=o["batch_size"], device=o["device"], seed=o["seed"], workers=o["workers"],
-                      progress=True)
+    res = ft.finetune(
+        model.trunk,
+        train_src,
+        test_src,
+        input_size=model.input_size,
+        mean=model.mean,
+        std=model.std,
+        fraction=o["fraction"],
+        epochs=o["epochs"],
+        lr=o["lr"],
+        batch_size=o["batch_size"],
+        device=o["device"],
+        seed=o["seed"],
+        workers=o["workers"],
+        progress=True,
+    )
     result.update({"protocol": ft.protocol(o["fraction"], o["epochs"], res["milestones"]), **res})
     return _write(result, run.out_dir, f"finetune{run.suffix}-f{o['fraction']:g}")
 
@@ -153,8 +190,10 @@ def _on_features(run: _Run) -> dict[str, Any]:
 
     def both(st: str) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         kw = {"stage": st, "batch_size": o["batch_size"], "workers": o["workers"], "device": dev}
-        return (_features(model, train_src, run.data, "train", **kw),
-                _features(model, test_src, run.test_data, "test", **kw))
+        return (
+            _features(model, train_src, run.data, "train", **kw),
+            _features(model, test_src, run.test_data, "test", **kw),
+        )
 
     if kind == "linear" and stage == "all":
         result.update(_linear_all(both, seed, dev))
@@ -163,19 +202,43 @@ def _on_features(run: _Run) -> dict[str, Any]:
     if kind == "knn":
         ks, temperature = tuple(o["ks"]), o["temperature"]
         accs = knn_accuracies(train_f.to(dev), train_y, test_f, test_y, ks=ks, temperature=temperature)
-        result.update({"protocol": f"weighted kNN (NPID), cosine, T={temperature}", "k": max(ks),
-                       "top1": accs[max(ks)], **{f"top1_k{k}": a for k, a in accs.items()}})
+        result.update(
+            {
+                "protocol": f"weighted kNN (NPID), cosine, T={temperature}",
+                "k": max(ks),
+                "top1": accs[max(ks)],
+                **{f"top1_k{k}": a for k, a in accs.items()},
+            }
+        )
     elif kind == "linear":
         probe = linear_probe(train_f, train_y, test_f, test_y, seed=seed, device=dev)
-        result.update({"protocol": "L-BFGS multinomial logistic regression on standardised frozen features, "
-                                   "weight decay chosen on a 10% held-out split", **probe})
+        result.update(
+            {
+                "protocol": "L-BFGS multinomial logistic regression on standardised frozen features, "
+                "weight decay chosen on a 10% held-out split",
+                **probe,
+            }
+        )
     elif kind == "lowshot":
         res = ls.lowshot_svm(train_f, train_y, test_f, test_y, shots=o["shots"], seeds=o["seeds"], base_seed=seed)
         result.update({"protocol": ls.protocol(o["seeds"], res["costs"]), **res})
     else:
         png = run.out_dir / f"retrieval{run.suffix}-{stage}.png" if run.out_dir else None
-        result.update(_retrieval(train_src, test_src, train_f, train_y, test_f, test_y, stage=stage,
-                                 queries=o["queries"], k=o["k"], seed=seed, png=png))
+        result.update(
+            _retrieval(
+                train_src,
+                test_src,
+                train_f,
+                train_y,
+                test_f,
+                test_y,
+                stage=stage,
+                queries=o["queries"],
+                k=o["k"],
+                seed=seed,
+                png=png,
+            )
+        )
     return _write(result, run.out_dir, f"{kind}{run.suffix}-{stage}")
 
 
@@ -196,10 +259,11 @@ def _linear_all(stage_features: Callable[[str], Any], seed: int, device: torch.d
     best = max(FEATURE_STAGES, key=lambda st: per_stage[st]["top1"])
     return {
         "protocol": "per-layer linear probes (Goyal'19 / paper Table 7): conv1 and res2..res5 adaptive-average-"
-                    "pooled to about 9,000 values, plus the pooled res5 vector; each an L-BFGS multinomial logistic "
-                    "regression on standardised frozen features, weight decay chosen on a 10% held-out part of the "
-                    "training split; best_stage = the layer with the best test top-1, as the paper reports",
-        "best_stage": best, "top1": per_stage[best]["top1"],
+        "pooled to about 9,000 values, plus the pooled res5 vector; each an L-BFGS multinomial logistic "
+        "regression on standardised frozen features, weight decay chosen on a 10% held-out part of the "
+        "training split; best_stage = the layer with the best test top-1, as the paper reports",
+        "best_stage": best,
+        "top1": per_stage[best]["top1"],
         "top1_by_stage": {st: r["top1"] for st, r in per_stage.items()},
         "val_top1_by_stage": {st: r["val_top1"] for st, r in per_stage.items()},
         "feature_dim_by_stage": {st: r["feature_dim"] for st, r in per_stage.items()},
@@ -207,13 +271,30 @@ def _linear_all(stage_features: Callable[[str], Any], seed: int, device: torch.d
     }
 
 
-def _retrieval(train_src: Any, test_src: Any, train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor,
-               test_y: torch.Tensor, *, stage: str, queries: int, k: int, seed: int, png: Path | None) -> dict:
+def _retrieval(
+    train_src: Any,
+    test_src: Any,
+    train_f: torch.Tensor,
+    train_y: torch.Tensor,
+    test_f: torch.Tensor,
+    test_y: torch.Tensor,
+    *,
+    stage: str,
+    queries: int,
+    k: int,
+    seed: int,
+    png: Path | None,
+) -> dict:
     q_idx = rt.choose_queries(len(test_src), queries, seed)
     sims, nbrs = rt.nearest(train_f, test_f[q_idx], k)
     labelled = train_src.labels is not None and test_src.labels is not None
-    res: dict[str, Any] = {"protocol": rt.PROTOCOL_TEMPLATE.format(queries=len(q_idx), seed=seed, k=k, stage=stage),
-                           "k": nbrs.shape[1], "queries": len(q_idx), "precision_at_k": None, "top1": None}
+    res: dict[str, Any] = {
+        "protocol": rt.PROTOCOL_TEMPLATE.format(queries=len(q_idx), seed=seed, k=k, stage=stage),
+        "k": nbrs.shape[1],
+        "queries": len(q_idx),
+        "precision_at_k": None,
+        "top1": None,
+    }
     matches = None
     if labelled:
         q_y = test_y[q_idx]
@@ -235,10 +316,14 @@ def _retrieval(train_src: Any, test_src: Any, train_f: torch.Tensor, train_y: to
     res["details"] = {"queries": rows}
     if png:
         classes = test_src.classes
-        titles = [classes[int(test_y[q])] if labelled and classes and test_y[q] >= 0 else f"query {q}"
-                  for q in q_idx]
-        rt.plot_grid([test_src.load(q) for q in q_idx], [[train_src.load(i) for i in row] for row in nbrs.tolist()],
-                     matches, png, titles=titles)
+        titles = [classes[int(test_y[q])] if labelled and classes and test_y[q] >= 0 else f"query {q}" for q in q_idx]
+        rt.plot_grid(
+            [test_src.load(q) for q in q_idx],
+            [[train_src.load(i) for i in row] for row in nbrs.tolist()],
+            matches,
+            png,
+            titles=titles,
+        )
         res["png"] = str(png)
     return res
 
@@ -250,10 +335,22 @@ def _invariance(run: _Run) -> dict[str, Any]:
         subjects.append(inv.load_subject(specs[0], "trunk", random_init=True, seed=seed))
     source = _open(run.test_data, "test", o["data_root"], labels=False)
     dev = ft.resolve_device(o["device"])
-    result: dict[str, Any] = {"eval": "invariance", "protocol": inv.PROTOCOL, "models": [s.name for s in subjects],
-                              "space": o["space"], "random_init": o["random_init"],
-                              **inv.invariance(subjects, source, images=o["images"], seed=seed,
-                                               batch_size=o["batch_size"], workers=o["workers"], device=dev)}
+    result: dict[str, Any] = {
+        "eval": "invariance",
+        "protocol": inv.PROTOCOL,
+        "models": [s.name for s in subjects],
+        "space": o["space"],
+        "random_init": o["random_init"],
+        **inv.invariance(
+            subjects,
+            source,
+            images=o["images"],
+            seed=seed,
+            batch_size=o["batch_size"],
+            workers=o["workers"],
+            device=dev,
+        ),
+    }
     if run.out_dir:
         inv.plot(result["details"]["per_model"], run.out_dir / "invariance.png")
         result["png"] = str(run.out_dir / "invariance.png")

@@ -21,8 +21,8 @@ from pirl.data.views import eval_transform  # noqa: F401  (re-exported: the view
 from pirl.device import amp_dtype as _autocast_dtype
 from pirl.device import default_device as _default_device
 from pirl.errors import PirlError
-from pirl.safe_io import atomic_write_text, atomic_write_with
 from pirl.models.trunk import STAGES, stage_features
+from pirl.safe_io import atomic_write_text, atomic_write_with
 
 FEATURE_STAGES = (*STAGES, "pool")
 # Goyal et al. 2019 pool each stage to about 9k dims before the per-layer linear classifiers.
@@ -71,8 +71,14 @@ def frozen_batches(
     ``amp_dtype`` (None: off).
     Returns ``fn``'s results, one per batch.
     """
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
-                        worker_init_fn=worker_init_fn)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=worker_init_fn,
+    )
     out: list[T] = []
     with torch.inference_mode():
         for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
@@ -117,9 +123,17 @@ def extract_features(
     was_training = trunk.training
     trunk.to(dev).eval()
     try:
-        batches = frozen_batches(features, dataset, device=dev, batch_size=batch_size, num_workers=num_workers,
-                                 amp_dtype=amp_dtype, pin_memory=dev.type == "cuda", progress=progress,
-                                 desc=f"features[{stage}]")
+        batches = frozen_batches(
+            features,
+            dataset,
+            device=dev,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            amp_dtype=amp_dtype,
+            pin_memory=dev.type == "cuda",
+            progress=progress,
+            desc=f"features[{stage}]",
+        )
     finally:
         trunk.train(was_training)
     return torch.cat([f for f, _ in batches]), torch.cat([y for _, y in batches])
@@ -176,8 +190,7 @@ def source_fingerprint(source: Any) -> str:
                     st = os.stat(p)
                 except OSError:
                     continue
-                digest.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n"
-                              .encode("utf-8", "surrogateescape"))
+                digest.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode("utf-8", "surrogateescape"))
     digest.update(json.dumps(labels).encode())
     return digest.hexdigest()
 
@@ -189,8 +202,11 @@ def weights_digest(module: nn.Module) -> str:
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
         if t.numel():
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool
-                          else t.to(torch.uint8).numpy().tobytes())
+            digest.update(
+                t.reshape(-1).view(torch.uint8).numpy().tobytes()
+                if t.dtype != torch.bool
+                else t.to(torch.uint8).numpy().tobytes()
+            )
     return digest.hexdigest()
 
 
@@ -227,8 +243,12 @@ def extract_features_cached(
     through a link).
     """
     source = getattr(dataset, "source", dataset)
-    parts = {**key_parts, "stage": stage, "pooled_dim": None if stage == "pool" else pooled_dim or DEFAULT_POOLED_DIM,
-             "weights": weights_digest(trunk)}
+    parts = {
+        **key_parts,
+        "stage": stage,
+        "pooled_dim": None if stage == "pool" else pooled_dim or DEFAULT_POOLED_DIM,
+        "weights": weights_digest(trunk),
+    }
     parts.setdefault("files", source_fingerprint(source))
     key = cache_key(parts)
     entry = Path(cache_dir) / key

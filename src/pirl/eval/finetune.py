@@ -53,8 +53,15 @@ def balanced_subset(labels: Sequence[int], fraction: float, seed: int = 0) -> li
 
 
 def train_transform(input_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    return v2.Compose([v2.RandomResizedCrop(input_size, antialias=True), v2.RandomHorizontalFlip(),
-                       v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(input_size, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
 
 
 def default_milestones(epochs: int) -> list[int]:
@@ -112,8 +119,15 @@ def finetune(
     train_set = SourceImages(train_source, train_transform(input_size, mean, std), subset)
     # A last batch of one image would break BatchNorm's batch statistics.
     drop_last = len(subset) > batch_size and len(subset) % batch_size == 1
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=drop_last,
-                        generator=torch.Generator().manual_seed(seed), pin_memory=dev.type == "cuda")
+    loader = DataLoader(
+        train_set,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=dev.type == "cuda",
+    )
     amp = amp_dtype(dev, fp16_fallback=False)  # bfloat16 or nothing: this loop has no loss scaler
     losses: list[float] = []
     for _ in tqdm(range(epochs), desc="finetune", disable=not progress, leave=False):
@@ -131,24 +145,45 @@ def finetune(
             count += len(targets)
         sched.step()
         losses.append(total / max(count, 1))
-    top1 = _accuracy(model, SourceImages(test_source, eval_transform(input_size, mean, std), test_idx), dev, amp,
-                     batch_size, workers)
-    return {"top1": top1, "fraction": fraction, "train_images": len(subset), "test_images": len(test_idx),
-            "num_classes": num_classes, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-            "milestones": milestones, "final_train_loss": losses[-1], "device": str(dev),
-            "details": {"train_loss_per_epoch": losses}, "seconds": time.perf_counter() - t0}
+    top1 = _accuracy(
+        model, SourceImages(test_source, eval_transform(input_size, mean, std), test_idx), dev, amp, batch_size, workers
+    )
+    return {
+        "top1": top1,
+        "fraction": fraction,
+        "train_images": len(subset),
+        "test_images": len(test_idx),
+        "num_classes": num_classes,
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "milestones": milestones,
+        "final_train_loss": losses[-1],
+        "device": str(dev),
+        "details": {"train_loss_per_epoch": losses},
+        "seconds": time.perf_counter() - t0,
+    }
 
 
-def _accuracy(model: nn.Module, dataset: Dataset, dev: torch.device, amp: torch.dtype | None, batch_size: int,
-              workers: int) -> float:
+def _accuracy(
+    model: nn.Module, dataset: Dataset, dev: torch.device, amp: torch.dtype | None, batch_size: int, workers: int
+) -> float:
     model.eval()
-    hits = frozen_batches(lambda images, targets: int((model(images).argmax(1).cpu() == targets).sum()), dataset,
-                          device=dev, batch_size=batch_size, num_workers=workers, amp_dtype=amp)
+    hits = frozen_batches(
+        lambda images, targets: int((model(images).argmax(1).cpu() == targets).sum()),
+        dataset,
+        device=dev,
+        batch_size=batch_size,
+        num_workers=workers,
+        amp_dtype=amp,
+    )
     return sum(hits) / len(dataset)
 
 
 def protocol(fraction: float, epochs: int, milestones: Sequence[int]) -> str:
-    return (f"fine-tune the whole trunk + a linear head on {fraction:g} of the labelled training images (same "
-            f"fraction of every class, seeded); SGD nesterov momentum 0.9, no weight decay, {epochs} epochs, "
-            f"lr x0.1 at epochs {list(milestones)}; RandomResizedCrop + flip at the input size; test top-1 with "
-            "resize + centre crop (paper Table 3, VISSL's semi-supervised recipe)")
+    return (
+        f"fine-tune the whole trunk + a linear head on {fraction:g} of the labelled training images (same "
+        f"fraction of every class, seeded); SGD nesterov momentum 0.9, no weight decay, {epochs} epochs, "
+        f"lr x0.1 at epochs {list(milestones)}; RandomResizedCrop + flip at the input size; test top-1 with "
+        "resize + centre crop (paper Table 3, VISSL's semi-supervised recipe)"
+    )

@@ -51,7 +51,7 @@ def random_order(grid: int, gen: torch.Generator) -> torch.Tensor:
 
 def _centre_square(img: torch.Tensor, side: int) -> torch.Tensor:
     top, left = (img.shape[-2] - side) // 2, (img.shape[-1] - side) // 2
-    return img[..., top:top + side, left:left + side]
+    return img[..., top : top + side, left : left + side]
 
 
 def crop_to_grid(img: torch.Tensor, grid: int = 3) -> torch.Tensor:
@@ -65,7 +65,7 @@ def shuffle_grid(img: torch.Tensor, order: torch.Tensor, grid: int = 3) -> torch
     c = x.shape[-1] // grid
     if c < 1:
         raise PirlError(f"image of {tuple(img.shape[-2:])} pixels is too small for a {grid}x{grid} jigsaw")
-    tiles = [x[..., r * c:(r + 1) * c, q * c:(q + 1) * c] for r in range(grid) for q in range(grid)]
+    tiles = [x[..., r * c : (r + 1) * c, q * c : (q + 1) * c] for r in range(grid) for q in range(grid)]
     order = order.tolist()
     rows = [torch.cat([tiles[order[r * grid + q]] for q in range(grid)], dim=-1) for r in range(grid)]
     return torch.cat(rows, dim=-2)
@@ -81,7 +81,7 @@ def centre_patches(img: torch.Tensor, order: torch.Tensor, grid: int, patch: int
     out = []
     for j in order.tolist():
         y, x = (j // grid) * cell + off, (j % grid) * cell + off
-        out.append(img[..., y:y + patch, x:x + patch])
+        out.append(img[..., y : y + patch, x : x + patch])
     return torch.stack(out)
 
 
@@ -157,19 +157,31 @@ def load_subject(spec: str, space: str = "auto", *, random_init: bool = False, s
         cfg = load_config(None, [], base=ckpt["config"])
         if cfg.method.name == "pirl" and cfg.method.lam > 0:
             method = build_method(cfg, 1)  # one bank row: the bank is not needed here
-            state = {k[len("encoder."):]: v for k, v in ckpt["method"].items() if k.startswith("encoder.")}
+            state = {k[len("encoder.") :]: v for k, v in ckpt["method"].items() if k.startswith("encoder.")}
             try:
                 method.encoder.load_state_dict(state)
             except RuntimeError as err:
-                raise PirlError(f"{spec}: encoder does not match its config ({str(err).splitlines()[0][:200]})") \
-                    from None
+                raise PirlError(
+                    f"{spec}: encoder does not match its config ({str(err).splitlines()[0][:200]})"
+                ) from None
             d = cfg.data
-            return Subject(str(spec), "heads", method.encoder.trunk.eval(), method.encoder.heads.eval(),
-                           cfg.method.pretext, d.image_size, list(d.mean), list(d.std), d.jigsaw_crop, d.patch_size,
-                           d.grid)
+            return Subject(
+                str(spec),
+                "heads",
+                method.encoder.trunk.eval(),
+                method.encoder.heads.eval(),
+                cfg.method.pretext,
+                d.image_size,
+                list(d.mean),
+                list(d.std),
+                d.jigsaw_crop,
+                d.patch_size,
+                d.grid,
+            )
         if space == "heads":
-            raise PirlError(f"{spec}: a {cfg.method.name} run (lam={cfg.method.lam}) has no trained g head; "
-                            "use --space trunk")
+            raise PirlError(
+                f"{spec}: a {cfg.method.name} run (lam={cfg.method.lam}) has no trained g head; use --space trunk"
+            )
     elif space == "heads" and not random_init:
         raise PirlError(f"{spec}: --space heads needs a run directory or checkpoint (exports hold the trunk only)")
     model = load_model(spec, random_init=random_init, seed=seed)
@@ -177,8 +189,16 @@ def load_subject(spec: str, space: str = "auto", *, random_init: bool = False, s
     return Subject(name, "trunk", model.trunk.eval(), None, "jigsaw", model.input_size, model.mean, model.std)
 
 
-def distances(subject: Subject, source: Any, indices: Sequence[int], *, seed: int = 0, batch_size: int = 256,
-              workers: int = 0, device: str | torch.device | None = None) -> torch.Tensor:
+def distances(
+    subject: Subject,
+    source: Any,
+    indices: Sequence[int],
+    *,
+    seed: int = 0,
+    batch_size: int = 256,
+    workers: int = 0,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
     """Distances (CPU float32) between the unit-norm representations of each image and its transformed version."""
     dev = torch.device(device) if device is not None else default_device()
     modules = [m for m in (subject.trunk, subject.heads) if m is not None]
@@ -188,14 +208,26 @@ def distances(subject: Subject, source: Any, indices: Sequence[int], *, seed: in
     def pair_distances(pair: list[torch.Tensor], _labels: torch.Tensor) -> torch.Tensor:
         return unit_distances(*subject.embed(*pair)).cpu()
 
-    return torch.cat(frozen_batches(pair_distances, _Pairs(source, indices, subject, seed), device=dev,
-                                    batch_size=batch_size, num_workers=workers))
+    return torch.cat(
+        frozen_batches(
+            pair_distances,
+            _Pairs(source, indices, subject, seed),
+            device=dev,
+            batch_size=batch_size,
+            num_workers=workers,
+        )
+    )
 
 
 def summarise(d: torch.Tensor) -> dict[str, Any]:
     counts, edges = np.histogram(d.numpy(), bins=BINS, range=(0.0, 2.0))
-    return {"mean": float(d.mean()), "std": float(d.std(unbiased=False)), "median": float(d.median()),
-            "n": int(d.numel()), "histogram": {"bin_edges": edges.tolist(), "counts": counts.tolist()}}
+    return {
+        "mean": float(d.mean()),
+        "std": float(d.std(unbiased=False)),
+        "median": float(d.median()),
+        "n": int(d.numel()),
+        "histogram": {"bin_edges": edges.tolist(), "counts": counts.tolist()},
+    }
 
 
 def plot(stats: dict[str, dict[str, Any]], path: str | Path) -> None:
@@ -216,8 +248,16 @@ def plot(stats: dict[str, dict[str, Any]], path: str | Path) -> None:
     save_figure(fig, path, dpi=120)
 
 
-def invariance(subjects: Sequence[Subject], source: Any, *, images: int = 1000, seed: int = 0,
-               batch_size: int = 256, workers: int = 0, device: str | torch.device | None = None) -> dict[str, Any]:
+def invariance(
+    subjects: Sequence[Subject],
+    source: Any,
+    *,
+    images: int = 1000,
+    seed: int = 0,
+    batch_size: int = 256,
+    workers: int = 0,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
     """Distance statistics of every subject on the same seeded ``images`` images of ``source``."""
     t0 = time.perf_counter()
     if images < 1 or len(source) == 0:
@@ -231,17 +271,24 @@ def invariance(subjects: Sequence[Subject], source: Any, *, images: int = 1000, 
         name = s.name if names[s.name] == 1 else f"{s.name} #{names[s.name]}"
         d = distances(s, source, indices, seed=seed, batch_size=batch_size, workers=workers, device=device)
         stats[name] = {"space": s.space, "representation": s.representation(), **summarise(d)}
-    return {"images": len(indices), "mean_distance": {k: v["mean"] for k, v in stats.items()},
-            "per_model": {k: {f: v[f] for f in ("space", "representation", "mean", "std", "median", "n")}
-                          for k, v in stats.items()},
-            "details": {"per_model": stats}, "seconds": time.perf_counter() - t0}
+    return {
+        "images": len(indices),
+        "mean_distance": {k: v["mean"] for k, v in stats.items()},
+        "per_model": {
+            k: {f: v[f] for f in ("space", "representation", "mean", "std", "median", "n")} for k, v in stats.items()
+        },
+        "details": {"per_model": stats},
+        "seconds": time.perf_counter() - t0,
+    }
 
 
-PROTOCOL = ("paper Fig. 4: l2 distance between unit-normalised representations of an image I and its transformed "
-            "version I^t, per model over the same seeded test images. Models with a trained g head (PIRL run "
-            "directories / checkpoints): f(v_I) of the centre-cropped image vs g(v_I^t), I^t = the centre patch of "
-            "each of the 3x3 cells of the image resized to jigsaw_crop, in a seeded random non-identity order "
-            "(rotation pretexts: the image turned by a seeded 90/180/270 degrees). Trunk-only models (exports, "
-            "random init, NPID++ and the jigsaw/rotation/supervised baselines): pooled trunk feature of the "
-            "centre-cropped image vs of the same image with its 3x3 cells stitched back in a seeded random "
-            f"non-identity order. Histograms: {BINS} bins over [0, 2]")
+PROTOCOL = (
+    "paper Fig. 4: l2 distance between unit-normalised representations of an image I and its transformed "
+    "version I^t, per model over the same seeded test images. Models with a trained g head (PIRL run "
+    "directories / checkpoints): f(v_I) of the centre-cropped image vs g(v_I^t), I^t = the centre patch of "
+    "each of the 3x3 cells of the image resized to jigsaw_crop, in a seeded random non-identity order "
+    "(rotation pretexts: the image turned by a seeded 90/180/270 degrees). Trunk-only models (exports, "
+    "random init, NPID++ and the jigsaw/rotation/supervised baselines): pooled trunk feature of the "
+    "centre-cropped image vs of the same image with its 3x3 cells stitched back in a seeded random "
+    f"non-identity order. Histograms: {BINS} bins over [0, 2]"
+)

@@ -58,8 +58,10 @@ def choose_cost(x: np.ndarray, y: np.ndarray, costs: Sequence[float], n: int, se
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
     folds = StratifiedKFold(n_splits=min(CV_FOLDS, n), shuffle=True, random_state=seed)
-    scores = {float(c): float(cross_val_score(_svm(c, seed), x, y, cv=folds, scoring="accuracy").mean())
-              for c in sorted(costs)}
+    scores = {
+        float(c): float(cross_val_score(_svm(c, seed), x, y, cv=folds, scoring="accuracy").mean())
+        for c in sorted(costs)
+    }
     best = max(scores, key=lambda c: (scores[c], -c))
     return best, scores
 
@@ -82,8 +84,10 @@ def lowshot_svm(
     """
     t0 = time.perf_counter()
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
-        raise PirlError(f"low-shot SVM needs 2-D features of equal width, got {tuple(train_feats.shape)} "
-                        f"and {tuple(test_feats.shape)}")
+        raise PirlError(
+            f"low-shot SVM needs 2-D features of equal width, got {tuple(train_feats.shape)} "
+            f"and {tuple(test_feats.shape)}"
+        )
     if not shots or min(shots) < 1 or seeds < 1 or not costs or min(costs) <= 0:
         raise PirlError("low-shot SVM needs shots >= 1, seeds >= 1 and positive costs")
     keep_tr, keep_te = train_labels >= 0, test_labels >= 0
@@ -112,8 +116,13 @@ def lowshot_svm(
                 clf = _svm(cost, seed).fit(x_tr[idx], y_tr[idx])
                 accs.append(float((clf.predict(x_te) == y_te).mean()))
                 chosen.append(cost)
-            by_shot[str(n)] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "top1_per_seed": accs,
-                               "cost_per_seed": chosen, "cost_selection": cv_description(n)}
+            by_shot[str(n)] = {
+                "mean": float(np.mean(accs)),
+                "std": float(np.std(accs)),
+                "top1_per_seed": accs,
+                "cost_per_seed": chosen,
+                "cost_selection": cv_description(n),
+            }
     return {
         "top1": by_shot[str(ns[-1])]["mean"],
         "top1_shots": ns[-1],
@@ -129,9 +138,11 @@ def lowshot_svm(
 
 
 def protocol(seeds: int, costs: Sequence[float]) -> str:
-    return (f"low-shot linear SVMs (VOC07 low-shot protocol of Goyal'19, single-label): n training images per "
-            f"class sampled with each of {seeds} seeds; one-vs-rest LinearSVC (squared hinge, L2) on L2-normalised "
-            f"frozen features; cost from {list(costs)} by stratified min({CV_FOLDS}, n)-fold cross-validation on "
-            f"the sample (n=2 is leave-one-out per class; n=1 cannot be validated and uses C={FALLBACK_COST}); "
-            "test top-1 of the argmax class score; mean and population std over seeds; top1 = mean at the "
-            "largest n")
+    return (
+        f"low-shot linear SVMs (VOC07 low-shot protocol of Goyal'19, single-label): n training images per "
+        f"class sampled with each of {seeds} seeds; one-vs-rest LinearSVC (squared hinge, L2) on L2-normalised "
+        f"frozen features; cost from {list(costs)} by stratified min({CV_FOLDS}, n)-fold cross-validation on "
+        f"the sample (n=2 is leave-one-out per class; n=1 cannot be validated and uses C={FALLBACK_COST}); "
+        "test top-1 of the argmax class score; mean and population std over seeds; top1 = mean at the "
+        "largest n"
+    )

@@ -15,10 +15,11 @@ import datetime
 import io
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pirl.config.legacy import translate_tree
 from pirl.errors import PirlError
@@ -123,8 +124,9 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
         else:
             run.notes.append(f"{rel}: not a PNG file, skipped")
     if not (run.config or run.train or run.epochs or run.results or run.images):
-        raise PirlError(f"{path} holds no config.json, metrics.jsonl, evaluation results or PNGs; "
-                        "is it a run directory?")
+        raise PirlError(
+            f"{path} holds no config.json, metrics.jsonl, evaluation results or PNGs; is it a run directory?"
+        )
     return run
 
 
@@ -241,8 +243,7 @@ def _panels_png(panels: list, *, markers: bool) -> str:
         ax = fig.add_subplot(1, len(panels), i)
         for label, xs, ys in lines:
             if xs:
-                ax.plot(xs, ys, marker="o" if markers and len(xs) < 30 else None, markersize=3,
-                        label=_plain(label))
+                ax.plot(xs, ys, marker="o" if markers and len(xs) < 30 else None, markersize=3, label=_plain(label))
         ax.set_title(_plain(title))
         ax.set_xlabel(xlabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and epochs are whole numbers
@@ -254,10 +255,18 @@ def _panels_png(panels: list, *, markers: bool) -> str:
 
 def comparison_png(runs: list[Run]) -> str | None:
     """Mean loss per logged step and online kNN (k=20) of every run on shared axes, when there are several runs."""
-    panels = [("loss (mean over logged steps)", "global step", [(r.name, *_series(r.train, "global_step", "loss_mean"))
-                                                               for r in runs]),
-              ("online kNN top-1, k=20", "epoch", [(r.name, *_series(r.evals_online, "epoch", "knn_top1_k20"))
-                                                   for r in runs])]
+    panels = [
+        (
+            "loss (mean over logged steps)",
+            "global step",
+            [(r.name, *_series(r.train, "global_step", "loss_mean")) for r in runs],
+        ),
+        (
+            "online kNN top-1, k=20",
+            "epoch",
+            [(r.name, *_series(r.evals_online, "epoch", "knn_top1_k20")) for r in runs],
+        ),
+    ]
     panels = [p for p in panels if sum(bool(xs) for _, xs, _ in p[2]) >= 2]
     if len(runs) < 2 or not panels:
         return None
@@ -345,8 +354,11 @@ def collect_probes(runs: list[Run]) -> list[Probe]:
     for i, run in enumerate(runs):
         for file, result in run.results:
             kind = str(result.get("eval") or Path(file).stem)
-            variant = (f"fraction {_fmt(result['fraction'])}" if kind == "finetune" and "fraction" in result
-                       else str(result.get("stage") or ""))
+            variant = (
+                f"fraction {_fmt(result['fraction'])}"
+                if kind == "finetune" and "fraction" in result
+                else str(result.get("stage") or "")
+            )
             probe = probes.setdefault((kind, variant), Probe(kind, variant))
             probe.protocol = probe.protocol or str(result.get("protocol", ""))
             probe.files.append(f"{run.name}/{file}")
@@ -364,8 +376,9 @@ def _top1s(results: list[dict[str, Any]]) -> list[float]:
 
 def _curve(results: list[dict[str, Any]], field_name: str, xs: list[str]) -> list[list[float]]:
     """Per result, its value at each x (NaN where missing)."""
-    return [[float(r[field_name][x]) if _is_number(r.get(field_name, {}).get(x)) else math.nan for x in xs]
-            for r in results]
+    return [
+        [float(r[field_name][x]) if _is_number(r.get(field_name, {}).get(x)) else math.nan for x in xs] for r in results
+    ]
 
 
 def _spread(values: list[float]) -> str:
@@ -390,8 +403,11 @@ def probe_png(probe: Probe) -> str | None:
     if probe.shape in ("layers", "shots"):
         field_name = "top1_by_stage" if probe.shape == "layers" else "top1_by_shot"
         keys = {k for r in [*probe.random, *(r for _, rs in groups for r in rs)] for k in r.get(field_name, {})}
-        xs = ([s for s in STAGE_ORDER if s in keys] + sorted(keys - set(STAGE_ORDER))) if probe.shape == "layers" \
+        xs = (
+            ([s for s in STAGE_ORDER if s in keys] + sorted(keys - set(STAGE_ORDER)))
+            if probe.shape == "layers"
             else sorted(keys, key=lambda k: float(k) if k.replace(".", "", 1).isdigit() else math.inf)
+        )
         pos = list(range(len(xs)))
         for (label, rs), colour in zip(groups, colours):
             rows = _curve(rs, field_name, xs)
@@ -399,17 +415,30 @@ def probe_png(probe: Probe) -> str | None:
             mean = [sum(c) / len(c) if c else math.nan for c in cols]
             ax.plot(pos, mean, marker="o", markersize=4, color=colour, label=label)
             if len(rs) > 1:
-                ax.fill_between(pos, [min(c) if c else math.nan for c in cols],
-                                [max(c) if c else math.nan for c in cols], color=colour, alpha=0.2, linewidth=0)
+                ax.fill_between(
+                    pos,
+                    [min(c) if c else math.nan for c in cols],
+                    [max(c) if c else math.nan for c in cols],
+                    color=colour,
+                    alpha=0.2,
+                    linewidth=0,
+                )
         if probe.random:
             rows = _curve(probe.random, field_name, xs)
             cols = [[v for v in col if not math.isnan(v)] for col in zip(*rows)]
-            ax.plot(pos, [sum(c) / len(c) if c else math.nan for c in cols], linestyle="--", color="0.45",
-                    marker="s", markersize=3, label=RANDOM)
+            ax.plot(
+                pos,
+                [sum(c) / len(c) if c else math.nan for c in cols],
+                linestyle="--",
+                color="0.45",
+                marker="s",
+                markersize=3,
+                label=RANDOM,
+            )
         ax.set_xticks(pos, xs)
         ax.set_xlabel("feature layer" if probe.shape == "layers" else "labelled images per class")
     else:
-        for x, ((label, rs), colour) in enumerate(zip(groups, colours)):
+        for x, ((_label, rs), colour) in enumerate(zip(groups, colours)):
             values = _top1s(rs)
             if not values:
                 continue
@@ -418,10 +447,22 @@ def probe_png(probe: Probe) -> str | None:
             if len(values) > 1:
                 ax.errorbar(x, mean, yerr=[[mean - min(values)], [max(values) - mean]], color="black", capsize=4)
                 ax.scatter([x] * len(values), values, color="black", s=10, zorder=3)
-            ax.annotate(_fmt(round(mean, 4)), (x, max(values)), ha="center", va="bottom", fontsize=8,
-                        xytext=(0, 2), textcoords="offset points")
-        ax.set_xticks(range(len(groups)), [label for label, _ in groups], rotation=20 if len(groups) > 2 else 0,
-                      ha="right" if len(groups) > 2 else "center", fontsize=8)
+            ax.annotate(
+                _fmt(round(mean, 4)),
+                (x, max(values)),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
+        ax.set_xticks(
+            range(len(groups)),
+            [label for label, _ in groups],
+            rotation=20 if len(groups) > 2 else 0,
+            ha="right" if len(groups) > 2 else "center",
+            fontsize=8,
+        )
         ax.set_xlim(-0.6, max(len(groups), 1) - 0.4)
     random = _top1s(probe.random)
     if probe.shape == "bar" and random:
@@ -439,8 +480,10 @@ def probe_png(probe: Probe) -> str | None:
 def headline_table(runs: list[Run], probes: list[Probe]) -> str:
     """One row per run group (and random init), one column per probe: top-1, mean ± spread over seeds."""
     if not probes:
-        return ('<p class="small">No evaluation results found. Run <code>pirl eval KIND --model RUN --out '
-                'RUN/eval</code> to add some.</p>')
+        return (
+            '<p class="small">No evaluation results found. Run <code>pirl eval KIND --model RUN --out '
+            "RUN/eval</code> to add some.</p>"
+        )
     labels = [label for label, _ in seed_groups(runs)]
     rows = []
     for label in [*labels, RANDOM]:
@@ -457,9 +500,11 @@ def headline_table(runs: list[Run], probes: list[Probe]) -> str:
         name = f"<i>{RANDOM}</i>" if label == RANDOM else escape(label)
         rows.append(f"<tr><th>{name}</th>{''.join(cells)}</tr>")
     head = "".join(f"<th>{escape(p.title)}</th>" for p in probes)
-    return (f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>"
-            '<p class="small">Top-1 (fractions); bold: the best run of a column; ± the largest distance of a seed '
-            "from the mean. Per-layer and low-shot columns give the headline figure (best layer; most shots).</p>")
+    return (
+        f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>"
+        '<p class="small">Top-1 (fractions); bold: the best run of a column; ± the largest distance of a seed '
+        "from the mean. Per-layer and low-shot columns give the headline figure (best layer; most shots).</p>"
+    )
 
 
 def _probe_details(probe: Probe) -> str:
@@ -469,8 +514,10 @@ def _probe_details(probe: Probe) -> str:
         for r in results:
             scores = "; ".join(f"{k} {_fmt(v)}" for k, v in _scores(r))
             lines.append(f"{label}: top1 {_fmt(r.get('top1'))}{'; ' + scores if scores else ''}")
-    return (f"<details><summary>numbers and files</summary><pre>{escape(chr(10).join(lines))}\n\n"
-            f"{escape(chr(10).join(probe.files))}</pre></details>")
+    return (
+        f"<details><summary>numbers and files</summary><pre>{escape(chr(10).join(lines))}\n\n"
+        f"{escape(chr(10).join(probe.files))}</pre></details>"
+    )
 
 
 def evaluation_section(runs: list[Run]) -> str:
@@ -481,8 +528,10 @@ def evaluation_section(runs: list[Run]) -> str:
     for probe in probes:
         png = probe_png(probe)
         if png:
-            figures.append(f'<figure class="probe"><img alt="{escape(probe.title)} chart" src="{png}">'
-                           f"<figcaption>{escape(probe.protocol)}{_probe_details(probe)}</figcaption></figure>")
+            figures.append(
+                f'<figure class="probe"><img alt="{escape(probe.title)} chart" src="{png}">'
+                f"<figcaption>{escape(probe.protocol)}{_probe_details(probe)}</figcaption></figure>"
+            )
     if figures:
         parts.append(f'<div class="probes">{"".join(figures)}</div>')
     return "\n".join(parts)
@@ -492,8 +541,9 @@ def _summary_table(runs: list[Run]) -> str:
     summaries = [summary_rows(r) for r in runs]
     keys = [k for k in summaries[0] if any(s[k] for s in summaries)]
     head = "".join(f'<th><a href="#run-{i}">{escape(r.name)}</a></th>' for i, r in enumerate(runs, start=1))
-    body = "".join(f"<tr><th>{escape(k)}</th>{''.join(f'<td>{escape(s[k])}</td>' for s in summaries)}</tr>"
-                   for k in keys)
+    body = "".join(
+        f"<tr><th>{escape(k)}</th>{''.join(f'<td>{escape(s[k])}</td>' for s in summaries)}</tr>" for k in keys
+    )
     return f"<table><tr><th></th>{head}</tr>{body}</table>"
 
 
@@ -501,18 +551,22 @@ def _run_section(run: Run, index: int) -> str:
     parts = [f'<h2 id="run-{index}">{escape(run.name)}</h2>', f'<p class="meta">{escape(str(run.path))}</p>']
     curves = curves_png(run)
     if curves:
-        parts.append(f'<figure><img alt="training curves of {escape(run.name)}" src="{curves}">'
-                     "<figcaption>Training curves from metrics.jsonl</figcaption></figure>")
+        parts.append(
+            f'<figure><img alt="training curves of {escape(run.name)}" src="{curves}">'
+            "<figcaption>Training curves from metrics.jsonl</figcaption></figure>"
+        )
     else:
         parts.append('<p class="small">No training records in metrics.jsonl.</p>')
     for file, png in run.images:
-        parts.append(f'<figure><img alt="{escape(file)}" src="{_data_uri(png)}">'
-                     f"<figcaption>{escape(file)}</figcaption></figure>")
+        parts.append(
+            f'<figure><img alt="{escape(file)}" src="{_data_uri(png)}"><figcaption>{escape(file)}</figcaption></figure>'
+        )
     for note in run.notes:
         parts.append(f'<p class="note">{escape(note)}</p>')
     if run.config:
-        parts.append(f"<details><summary>Full config</summary><pre>{escape(json.dumps(run.config, indent=2))}"
-                     "</pre></details>")
+        parts.append(
+            f"<details><summary>Full config</summary><pre>{escape(json.dumps(run.config, indent=2))}</pre></details>"
+        )
     return "\n".join(parts)
 
 
@@ -527,8 +581,10 @@ def render(runs: list[Run], title: str | None = None) -> str:
         f"<title>{escape(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{escape(title)}</h1>",
         f'<p class="meta">{len(runs)} run(s), made by pirl report on {escape(when)}</p>',
-        "<h2>Runs</h2>", _summary_table(runs),
-        "<h2>Evaluations</h2>", evaluation_section(runs),
+        "<h2>Runs</h2>",
+        _summary_table(runs),
+        "<h2>Evaluations</h2>",
+        evaluation_section(runs),
     ]
     comparison = comparison_png(runs)
     if comparison:
@@ -554,5 +610,9 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, title: str | N
     if out_path.is_dir():
         raise PirlError(f"--out {out} is a folder; give a file name such as report.html")
     atomic_write_text(out_path, page)
-    return {"report": str(out_path), "runs": len(runs), "evaluations": sum(len(r.results) for r in runs),
-            "images": sum(len(r.images) for r in runs)}
+    return {
+        "report": str(out_path),
+        "runs": len(runs),
+        "evaluations": sum(len(r.results) for r in runs),
+        "images": sum(len(r.images) for r in runs),
+    }

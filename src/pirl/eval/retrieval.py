@@ -20,15 +20,17 @@ _MAX_SIM_ELEMENTS = 1 << 27
 def nearest(train_feats: torch.Tensor, query_feats: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(similarities, indices), each (Q, min(k, N)), of the most cosine-similar training rows, best first."""
     if train_feats.ndim != 2 or query_feats.ndim != 2 or train_feats.shape[1] != query_feats.shape[1]:
-        raise PirlError(f"retrieval needs 2-D features of equal width, got {tuple(train_feats.shape)} "
-                        f"and {tuple(query_feats.shape)}")
+        raise PirlError(
+            f"retrieval needs 2-D features of equal width, got {tuple(train_feats.shape)} "
+            f"and {tuple(query_feats.shape)}"
+        )
     if k < 1 or train_feats.shape[0] == 0:
         raise PirlError("retrieval needs k >= 1 and at least one training image")
     bank = F.normalize(train_feats.float(), dim=1)
     chunk = max(1, _MAX_SIM_ELEMENTS // bank.shape[0])
     sims, idx = [], []
     for start in range(0, query_feats.shape[0], chunk):
-        q = F.normalize(query_feats[start:start + chunk].float(), dim=1)
+        q = F.normalize(query_feats[start : start + chunk].float(), dim=1)
         s, i = (q @ bank.T).topk(min(k, bank.shape[0]), dim=1)
         sims.append(s)
         idx.append(i)
@@ -57,9 +59,15 @@ def _thumb(img: Image.Image, size: int) -> Image.Image:
     return ImageOps.fit(img.convert("RGB"), (size, size))
 
 
-def plot_grid(query_images: Sequence[Image.Image], neighbour_images: Sequence[Sequence[Image.Image]],
-              matches: Sequence[Sequence[bool]] | None, path: str | Path, *, titles: Sequence[str] | None = None,
-              size: int = 96) -> None:
+def plot_grid(
+    query_images: Sequence[Image.Image],
+    neighbour_images: Sequence[Sequence[Image.Image]],
+    matches: Sequence[Sequence[bool]] | None,
+    path: str | Path,
+    *,
+    titles: Sequence[str] | None = None,
+    size: int = 96,
+) -> None:
     """One row per query: the query, then its neighbours framed green (same label) / red (other label)."""
     from matplotlib.figure import Figure  # the object API needs no pyplot state or display
 
@@ -85,7 +93,9 @@ def plot_grid(query_images: Sequence[Image.Image], neighbour_images: Sequence[Se
     save_figure(fig, path, dpi=100)
 
 
-PROTOCOL_TEMPLATE = ("nearest-neighbour retrieval: {queries} test images drawn with seed {seed} query the training "
-                     "set; top-{k} by cosine similarity of frozen {stage} features; precision_at_k = fraction of "
-                     "neighbours with the query's label, top1 = fraction of queries whose nearest neighbour has "
-                     "it (the *_all_test keys: the same over every test image)")
+PROTOCOL_TEMPLATE = (
+    "nearest-neighbour retrieval: {queries} test images drawn with seed {seed} query the training "
+    "set; top-{k} by cosine similarity of frozen {stage} features; precision_at_k = fraction of "
+    "neighbours with the query's label, top1 = fraction of queries whose nearest neighbour has "
+    "it (the *_all_test keys: the same over every test image)"
+)

@@ -16,8 +16,13 @@ from pirl.methods.pirl import NPID, PIRL
 from pirl.methods.rotation import Rotation
 from pirl.methods.supervised import Supervised
 
-METHODS: dict[str, type[BaseMethod]] = {"pirl": PIRL, "npid": NPID, "jigsaw": Jigsaw, "rotation": Rotation,
-                                        "supervised": Supervised}
+METHODS: dict[str, type[BaseMethod]] = {
+    "pirl": PIRL,
+    "npid": NPID,
+    "jigsaw": Jigsaw,
+    "rotation": Rotation,
+    "supervised": Supervised,
+}
 
 
 def build_method(cfg: Config, num_samples: int, source=None) -> BaseMethod:
@@ -26,5 +31,16 @@ def build_method(cfg: Config, num_samples: int, source=None) -> BaseMethod:
     return cls(cfg, num_samples) if source is None else cls.from_source(cfg, num_samples, source)
 
 
-__all__ = ["METHODS", "BaseMethod", "Jigsaw", "Method", "NPID", "PIRL", "Rotation", "StepOutput", "Supervised",
-           "build_method", "hamming_permutations"]
+__all__ = [
+    "METHODS",
+    "BaseMethod",
+    "Jigsaw",
+    "Method",
+    "NPID",
+    "PIRL",
+    "Rotation",
+    "StepOutput",
+    "Supervised",
+    "build_method",
+    "hamming_permutations",
+]

@@ -11,9 +11,8 @@ export keeps the ``encoder.trunk.`` weights alone, so every method exports the s
 from __future__ import annotations
 
 import contextlib
-
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -45,8 +44,9 @@ class Encoder(nn.Module):
         self.trunk = trunk
         self.heads = nn.ModuleDict(heads)
 
-    def forward(self, inputs: dict[str, torch.Tensor], keep_bn_stats: frozenset[str] = frozenset()
-                ) -> dict[str, torch.Tensor]:
+    def forward(
+        self, inputs: dict[str, torch.Tensor], keep_bn_stats: frozenset[str] = frozenset()
+    ) -> dict[str, torch.Tensor]:
         """``inputs`` maps a head name to the images it embeds; images of a head go through the trunk as one batch.
 
         The passes of the heads named in ``keep_bn_stats`` normalise with their batch statistics as usual but leave
@@ -64,8 +64,9 @@ def bn_running_stats_frozen(module: nn.Module, frozen: bool = True) -> Iterator[
     """Within the block, training-mode BatchNorm layers of ``module`` use batch statistics but do not update their
     running estimates (momentum 0: running = running); restored on exit, also on error."""
     layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if frozen else []
-    saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-             for m in layers]
+    saved = [
+        (m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in layers
+    ]
     try:
         for m in layers:
             m.momentum = 0.0
@@ -133,7 +134,7 @@ class BaseMethod(nn.Module):
         self.batch_offset = 0
 
     @classmethod
-    def from_source(cls, cfg: Config, num_samples: int, source) -> "BaseMethod":
+    def from_source(cls, cfg: Config, num_samples: int, source) -> BaseMethod:
         """Build for a given :class:`~pirl.data.sources.ImageSource`; a method that needs its labels overrides this."""
         return cls(cfg, num_samples)
 
@@ -165,17 +166,25 @@ class Method(BaseMethod):
 
     def __init__(self, cfg: Config, num_samples: int) -> None:
         super().__init__(cfg, num_samples)
-        self.bank = build_bank(cfg.bank.kind, num_samples, cfg.model.embed_dim, cfg.bank.momentum,
-                               cfg.train.seed, cfg.bank.dtype)
+        self.bank = build_bank(
+            cfg.bank.kind, num_samples, cfg.model.embed_dim, cfg.bank.momentum, cfg.train.seed, cfg.bank.dtype
+        )
         self.criterion = BankLoss(cfg.loss.form, cfg.loss.temperature, num_samples)
 
     def bank_loss(self, emb: torch.Tensor, indices: torch.Tensor, step: int, term: int) -> torch.Tensor:
         """Loss of unit-norm embeddings against their bank rows and freshly drawn negatives (one draw per term)."""
         bc = self.cfg.bank
         k = min(bc.negatives, self.num_samples - 1 if bc.exclude_positive else self.num_samples)
-        negatives = self.bank.sample_negatives(indices, k, step, term, shared=bc.share_negatives,
-                                               exclude_positive=bc.exclude_positive,
-                                               global_batch=self.global_batch, offset=self.batch_offset)
+        negatives = self.bank.sample_negatives(
+            indices,
+            k,
+            step,
+            term,
+            shared=bc.share_negatives,
+            exclude_positive=bc.exclude_positive,
+            global_batch=self.global_batch,
+            offset=self.batch_offset,
+        )
         with torch.autocast(device_type=emb.device.type, enabled=False):  # the loss maths stays in fp32
             return self.criterion(self.bank.score(emb.float(), indices, negatives))
 

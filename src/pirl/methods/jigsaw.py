@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pirl.data import keys
 from pirl.config.checks import check
+from pirl.data import keys
 from pirl.data.views import PirlViews
 from pirl.errors import PirlError
 from pirl.methods.base import BaseMethod, StepOutput, classification
@@ -70,8 +70,9 @@ class PermutationHead(nn.Module):
     """Pooled features of the n patches of each image (n*B, C), image-major -> logits over the |T| permutations:
     a projection shared by all patches, their concatenation in the shown order, a linear classifier."""
 
-    def __init__(self, in_dim: int, patch_dim: int, num_patches: int, num_classes: int, mlp: bool = False,
-                 hidden: int = 2048) -> None:
+    def __init__(
+        self, in_dim: int, patch_dim: int, num_patches: int, num_classes: int, mlp: bool = False, hidden: int = 2048
+    ) -> None:
         super().__init__()
         self.num_patches = num_patches
         self.patch_proj = _projection(in_dim, patch_dim, mlp, hidden, last_relu=mlp)
@@ -91,18 +92,21 @@ class Jigsaw(BaseMethod):
         """The shared ``method.*`` keys, and ``method.permutations`` against the number of patches."""
         super().validate(cfg)
         grid, count = cfg.data.grid, cfg.method.permutations
-        most = min(math.factorial(min(grid ** 2, 10)), 100_000)  # 10! already exceeds the cap
+        most = min(math.factorial(min(grid**2, 10)), 100_000)  # 10! already exceeds the cap
         check(2 <= count <= most, "method.permutations", count, f"must be between 2 and {most:,} for data.grid={grid}")
 
     def __init__(self, cfg, num_samples: int) -> None:
         super().__init__(cfg, num_samples)
         # A plain CPU tensor, not a buffer: the data views read it, and it stays on the CPU when the model moves.
-        self.permutations = hamming_permutations(cfg.method.permutations, cfg.data.grid ** 2)
+        self.permutations = hamming_permutations(cfg.method.permutations, cfg.data.grid**2)
 
     def build_heads(self, in_dim: int) -> dict[str, nn.Module]:
         m = self.cfg.model
-        return {"jigsaw": PermutationHead(in_dim, m.embed_dim, self.cfg.data.grid ** 2, self.cfg.method.permutations,
-                                          m.head == "mlp", m.mlp_hidden)}
+        return {
+            "jigsaw": PermutationHead(
+                in_dim, m.embed_dim, self.cfg.data.grid**2, self.cfg.method.permutations, m.head == "mlp", m.mlp_hidden
+            )
+        }
 
     def views(self) -> PirlViews:
         return PirlViews(self.cfg.data, "jigsaw", permutations=self.permutations, image=False)
@@ -117,8 +121,10 @@ class Jigsaw(BaseMethod):
 
     def set_extra_state(self, state: torch.Tensor) -> None:
         if tuple(state.shape) != tuple(self.permutations.shape):
-            raise PirlError(f"the checkpoint's jigsaw has {state.shape[0]} permutations of {state.shape[1]} patches; "
-                            f"this config has method.permutations={self.permutations.shape[0]}, "
-                            f"data.grid={math.isqrt(self.permutations.shape[1])}")
+            raise PirlError(
+                f"the checkpoint's jigsaw has {state.shape[0]} permutations of {state.shape[1]} patches; "
+                f"this config has method.permutations={self.permutations.shape[0]}, "
+                f"data.grid={math.isqrt(self.permutations.shape[1])}"
+            )
         # In place: the views built before a resume hold this very tensor.
         self.permutations.copy_(state)

@@ -24,7 +24,7 @@ class PIRL(Method):
         if self.pretext == "rotation":
             g: nn.Module = ImageHead(in_dim, m.embed_dim, m.head == "mlp", m.mlp_hidden, m.head_bn)
         else:
-            g = JigsawHead(in_dim, m.embed_dim, self.cfg.data.grid ** 2, m.head == "mlp", m.mlp_hidden, m.head_bn)
+            g = JigsawHead(in_dim, m.embed_dim, self.cfg.data.grid**2, m.head == "mlp", m.mlp_hidden, m.head_bn)
         return {"f": f, "g": g}
 
     def transformed_input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -21,11 +21,13 @@ class Supervised(BaseMethod):
         super().__init__(cfg, num_samples)
 
     @classmethod
-    def from_source(cls, cfg, num_samples: int, source) -> "Supervised":
+    def from_source(cls, cfg, num_samples: int, source) -> Supervised:
         labels = source.labels
         if labels is None or max(labels, default=-1) < 0:
-            raise PirlError(f"method.name=supervised needs labelled images, and {source.name} has no labels "
-                            "(a folder needs one subfolder per class)")
+            raise PirlError(
+                f"method.name=supervised needs labelled images, and {source.name} has no labels "
+                "(a folder needs one subfolder per class)"
+            )
         return cls(cfg, num_samples, max(max(labels) + 1, source.num_classes))
 
     def build_heads(self, in_dim: int) -> dict[str, nn.Module]:

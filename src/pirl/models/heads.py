@@ -25,8 +25,9 @@ def _projection(in_dim: int, out_dim: int, mlp: bool, hidden: int, last_relu: bo
 class ImageHead(nn.Module):
     """f: pooled trunk feature (B, C) -> embedding (B, D). Also g for the rotation pretext."""
 
-    def __init__(self, in_dim: int, out_dim: int = 128, mlp: bool = False, hidden: int = 2048,
-                 out_bn: bool = False) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int = 128, mlp: bool = False, hidden: int = 2048, out_bn: bool = False
+    ) -> None:
         super().__init__()
         self.proj = _projection(in_dim, out_dim, mlp, hidden)
         self.out_norm = nn.BatchNorm1d(out_dim, affine=False) if out_bn else nn.Identity()
@@ -43,8 +44,15 @@ class JigsawHead(nn.Module):
     (VISSL keeps the last ReLU there).
     """
 
-    def __init__(self, in_dim: int, out_dim: int = 128, num_patches: int = 9, mlp: bool = False,
-                 hidden: int = 2048, out_bn: bool = False) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 128,
+        num_patches: int = 9,
+        mlp: bool = False,
+        hidden: int = 2048,
+        out_bn: bool = False,
+    ) -> None:
         super().__init__()
         self.num_patches = num_patches
         self.patch_proj = _projection(in_dim, out_dim, mlp, hidden, last_relu=mlp)

@@ -42,7 +42,7 @@ def build_trunk(arch: str = "resnet50", stem: str = "imagenet") -> nn.Module:
     if is_timm_arch(arch):
         if stem != "imagenet":
             raise PirlError(f"model.stem={stem} is for torchvision ResNets; timm trunks keep their own stem")
-        return _timm_trunk(arch[len(TIMM_PREFIX):])
+        return _timm_trunk(arch[len(TIMM_PREFIX) :])
     if arch not in ARCHS:
         raise PirlError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if stem not in STEMS:
@@ -70,8 +70,10 @@ def stage_features(trunk: nn.Module, x: torch.Tensor, stages: tuple[str, ...] = 
     """Feature maps (N, C, H, W) after conv1 (post ReLU/max-pool), res2, res3, res4 and res5, plus ``pool``."""
     if getattr(trunk, "pirl_timm", False):
         if set(stages) - {"pool"}:
-            raise PirlError("per-layer features (conv1 ... res5) need a torchvision ResNet trunk; "
-                            "a timm trunk gives pooled features only (--stage pool)")
+            raise PirlError(
+                "per-layer features (conv1 ... res5) need a torchvision ResNet trunk; "
+                "a timm trunk gives pooled features only (--stage pool)"
+            )
         return {"pool": trunk(x)}
     out: dict[str, torch.Tensor] = {}
     x = trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(x))))

@@ -20,5 +20,15 @@ from pirl.training.setup import adapt_to_dataset, subset_indices
 from pirl.training.signals import StopRequest
 from pirl.training.step import TrainStep, learning_rate
 
-__all__ = ["DistInfo", "RunLog", "StopRequest", "TrainStep", "adapt_to_dataset", "learning_rate", "resolve_device",
-           "setup_distributed", "subset_indices", "train"]
+__all__ = [
+    "DistInfo",
+    "RunLog",
+    "StopRequest",
+    "TrainStep",
+    "adapt_to_dataset",
+    "learning_rate",
+    "resolve_device",
+    "setup_distributed",
+    "subset_indices",
+    "train",
+]

@@ -13,9 +13,11 @@ from pirl.safe_io import atomic_write_text
 def check_bad_fraction(cfg: Config, bad: set[int], num_samples: int, run_dir: Path) -> None:
     """Stop as soon as more than ``data.max_bad_fraction`` of the whole dataset is known to be undecodable."""
     if len(bad) > cfg.data.max_bad_fraction * num_samples:
-        raise PirlError(f"{len(bad)} of {num_samples} images could not be decoded, more than "
-                        f"data.max_bad_fraction={cfg.data.max_bad_fraction}; fix or remove them (listed in "
-                        f"{run_dir / 'bad_images.txt'}), or raise the limit")
+        raise PirlError(
+            f"{len(bad)} of {num_samples} images could not be decoded, more than "
+            f"data.max_bad_fraction={cfg.data.max_bad_fraction}; fix or remove them (listed in "
+            f"{run_dir / 'bad_images.txt'}), or raise the limit"
+        )
 
 
 def write_bad_images(run_dir: Path, bad: set[int], dataset: ViewDataset) -> list[str]:

@@ -30,8 +30,14 @@ class Progress:
     resumed_changes: dict[str, list[Any]] = field(default_factory=dict)  # config keys changed on resume
 
 
-def resume_progress(run_dir: Path, cfg: Config, method: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    num_samples: int, is_main: bool) -> Progress:
+def resume_progress(
+    run_dir: Path,
+    cfg: Config,
+    method: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    num_samples: int,
+    is_main: bool,
+) -> Progress:
     """Load the latest checkpoint of ``run_dir`` into ``method``, ``optimizer`` and the CPU random generator;
     a fresh :class:`Progress` (with a warning) when there is none."""
     # Into CPU memory: load_state_dict copies to the device, and a sharded bank keeps only its rows of the full one.
@@ -46,8 +52,9 @@ def resume_progress(run_dir: Path, cfg: Config, method: torch.nn.Module, optimiz
     changes = resume_changes(state["config"], config_to_dict(cfg), state.get("num_samples"), num_samples)
     method.load_state_dict(state["method"])
     optimizer.load_state_dict(state["optimizer"])
-    done = Progress(state["epoch"], state["step"], state["global_step"], set(state.get("bad_images", [])), path,
-                    changes)
+    done = Progress(
+        state["epoch"], state["step"], state["global_step"], set(state.get("bad_images", [])), path, changes
+    )
     torch.set_rng_state(state["rng"]["torch"].cpu())  # the CPU generator's state, whatever map_location
     if is_main:
         print(f"resumed from {path} (epoch {done.epoch}, step {done.step})", flush=True)
@@ -57,8 +64,15 @@ def resume_progress(run_dir: Path, cfg: Config, method: torch.nn.Module, optimiz
 class Checkpointer:
     """Writes the checkpoint of the run's current state (main process; every process joins the bank gather)."""
 
-    def __init__(self, run_dir: Path, cfg: Config, method: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 num_samples: int, is_main: bool) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: Config,
+        method: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        num_samples: int,
+        is_main: bool,
+    ) -> None:
         self.run_dir, self.cfg, self.method, self.optimizer = run_dir, cfg, method, optimizer
         self.num_samples, self.is_main = num_samples, is_main
 
@@ -72,9 +86,17 @@ class Checkpointer:
         method_state = self.method.state_dict()
         if full_bank is not None:
             method_state["bank.memory"] = full_bank
-        state = {"config": config_to_dict(self.cfg), "epoch": epoch, "step": step, "global_step": done.global_step,
-                 "num_samples": self.num_samples, "method": method_state, "optimizer": self.optimizer.state_dict(),
-                 "rng": {"torch": torch.get_rng_state()}, "bad_images": sorted(done.bad_seen)}
+        state = {
+            "config": config_to_dict(self.cfg),
+            "epoch": epoch,
+            "step": step,
+            "global_step": done.global_step,
+            "num_samples": self.num_samples,
+            "method": method_state,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state()},
+            "bad_images": sorted(done.bad_seen),
+        }
         done.checkpoint = save_checkpoint(self.run_dir, state, epoch, step, self.cfg.train.keep_checkpoints)
 
     def due(self, global_step: int, step_in_epoch: int, steps_per_epoch: int) -> bool:

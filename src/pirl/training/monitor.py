@@ -85,14 +85,21 @@ def _label_map(memory: ImageSource, queries: ImageSource, query_name: str) -> li
     missing = [name for name in queries.classes if name not in index]
     if missing:
         shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-        raise PirlError(f"{query_name} has classes the training data lacks ({shown}); the kNN monitor needs "
-                        "the same class names")
+        raise PirlError(
+            f"{query_name} has classes the training data lacks ({shown}); the kNN monitor needs the same class names"
+        )
     return [index[name] for name in queries.classes]
 
 
-def plan_monitor(cfg: Config, source: ImageSource, data: str | None = None,
-                 val_data: str | ImageSource | None = None, *, root: str | None = None,
-                 download: bool = False) -> MonitorPlan:
+def plan_monitor(
+    cfg: Config,
+    source: ImageSource,
+    data: str | None = None,
+    val_data: str | ImageSource | None = None,
+    *,
+    root: str | None = None,
+    download: bool = False,
+) -> MonitorPlan:
     """Choose memory and queries (see the module docstring); raises :class:`PirlError` for an unusable --val-data.
 
     Training data without labels and no ``val_data``: off. Unlabelled training data with a labelled
@@ -102,12 +109,16 @@ def plan_monitor(cfg: Config, source: ImageSource, data: str | None = None,
         return MonitorPlan()
     val = None
     if val_data is not None:
-        val = val_data if isinstance(val_data, ImageSource) else open_source(val_data, root=root, download=download,
-                                                                             split="test")
+        val = (
+            val_data
+            if isinstance(val_data, ImageSource)
+            else open_source(val_data, root=root, download=download, split="test")
+        )
         if not _labelled(val):
             name = val_data if isinstance(val_data, str) else val.name
-            raise PirlError(f"--val-data {name} has no labels; the kNN monitor needs class subfolders or a "
-                            "labelled dataset")
+            raise PirlError(
+                f"--val-data {name} has no labels; the kNN monitor needs class subfolders or a labelled dataset"
+            )
         if _same_images(val, source):
             val = None  # the training images themselves: every query would find itself in the memory
     if _labelled(source):
@@ -120,13 +131,20 @@ def plan_monitor(cfg: Config, source: ImageSource, data: str | None = None,
             return MonitorPlan(source, True, None, query_name="held-out training images")
         return MonitorPlan(source, True, queries, query_name=name, label_map=_label_map(source, queries, name))
     if val is None:
-        return MonitorPlan(off_reason="the training images have no labels; pass --val-data with a labelled set "
-                                      "to turn it on")
+        return MonitorPlan(
+            off_reason="the training images have no labels; pass --val-data with a labelled set to turn it on"
+        )
     train_part = _open_split(val_data, "train", root, download) if isinstance(val_data, str) else None
     if train_part is not None and _labelled(train_part) and not _same_images(train_part, val):
         name = "test-split images of --val-data"
-        return MonitorPlan(train_part, False, val, "train-split images of --val-data", name,
-                           label_map=_label_map(train_part, val, name))
+        return MonitorPlan(
+            train_part,
+            False,
+            val,
+            "train-split images of --val-data",
+            name,
+            label_map=_label_map(train_part, val, name),
+        )
     return MonitorPlan(val, False, None, "--val-data images", "held-out --val-data images")
 
 
@@ -140,22 +158,30 @@ def _sample(pool: np.ndarray, size: int, gen: torch.Generator) -> np.ndarray:
 class KnnMonitor:
     """Every ``train.knn_every`` epochs, kNN accuracy of the trunk on a fixed memory and query set."""
 
-    def __init__(self, cfg: Config, plan: MonitorPlan, indices: list[int] | None, device: torch.device,
-                 rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        plan: MonitorPlan,
+        indices: list[int] | None,
+        device: torch.device,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
         assert plan.memory is not None
         self.every, self.device, self.rank, self.world = cfg.train.knn_every, device, rank, world
         self.plan = plan
         cap = cfg.train.knn_max_images
         memory_labels = np.asarray(plan.memory.labels, dtype=np.int64)
-        pool = np.asarray(indices if plan.memory_is_training and indices is not None else range(len(plan.memory)),
-                          dtype=np.int64)
+        pool = np.asarray(
+            indices if plan.memory_is_training and indices is not None else range(len(plan.memory)), dtype=np.int64
+        )
         pool = pool[memory_labels[pool] >= 0]  # unlabelled images of a partly labelled set cannot vote
         gen = torch.Generator().manual_seed(cfg.train.seed)  # never the global generator: training's stream
         if plan.queries is None:
             held = min(cap, max(1, int(len(pool) * HELD_OUT_FRACTION)))
             perm = pool[torch.randperm(len(pool), generator=gen).numpy()]
             self.query_source, query_idx = plan.memory, np.sort(perm[:held])
-            memory_idx = np.sort(perm[held:held + cap])
+            memory_idx = np.sort(perm[held : held + cap])
             query_labels = memory_labels
         else:
             self.query_source = plan.queries
@@ -178,9 +204,11 @@ class KnnMonitor:
         self.comm_device = device if world > 1 and dist.get_backend() == "nccl" else torch.device("cpu")
 
     def describe(self) -> str:
-        return (f"kNN monitor: every {self.every} epoch(s), weighted kNN (k={KS[0]}, {KS[1]}; T={TEMPERATURE}) of "
-                f"{len(self.query_idx)} {self.plan.query_name} against {len(self.memory_idx)} "
-                f"{self.plan.memory_name}")
+        return (
+            f"kNN monitor: every {self.every} epoch(s), weighted kNN (k={KS[0]}, {KS[1]}; T={TEMPERATURE}) of "
+            f"{len(self.query_idx)} {self.plan.query_name} against {len(self.memory_idx)} "
+            f"{self.plan.memory_name}"
+        )
 
     def due(self, epochs_done: int, total_epochs: int) -> bool:
         """At the end of every ``knn_every``-th epoch, and of the last one."""
@@ -205,21 +233,42 @@ class KnnMonitor:
         if not len(mem_y) or not len(query_y):
             print(f"kNN monitor, epoch {epochs_done}: skipped, no decodable images", flush=True)
             return None
-        accs = knn_accuracies(mem_f[mem_ok.to(mem_f.device)], mem_y, query_f[query_ok.to(query_f.device)], query_y,
-                              ks=KS, temperature=TEMPERATURE)
+        accs = knn_accuracies(
+            mem_f[mem_ok.to(mem_f.device)],
+            mem_y,
+            query_f[query_ok.to(query_f.device)],
+            query_y,
+            ks=KS,
+            temperature=TEMPERATURE,
+        )
         seconds = time.perf_counter() - start
         values = {f"knn_top1_k{k}": accs[k] for k in KS}
-        log.record("eval", global_step, {"epoch": epochs_done, **values, "knn_memory_images": len(mem_y),
-                                         "knn_query_images": len(query_y), "knn_seconds": seconds})
-        print(f"kNN monitor, epoch {epochs_done}: top-1 {accs[KS[0]]:.4f} (k={KS[0]}), {accs[KS[1]]:.4f} "
-              f"(k={min(KS[1], len(mem_y))}) on {len(query_y)} images against {len(mem_y)} ({seconds:.1f} s)",
-              flush=True)
+        log.record(
+            "eval",
+            global_step,
+            {
+                "epoch": epochs_done,
+                **values,
+                "knn_memory_images": len(mem_y),
+                "knn_query_images": len(query_y),
+                "knn_seconds": seconds,
+            },
+        )
+        print(
+            f"kNN monitor, epoch {epochs_done}: top-1 {accs[KS[0]]:.4f} (k={KS[0]}), {accs[KS[1]]:.4f} "
+            f"(k={min(KS[1], len(mem_y))}) on {len(query_y)} images against {len(mem_y)} ({seconds:.1f} s)",
+            flush=True,
+        )
         return values
 
     def _features(self, trunk: nn.Module, source: ImageSource, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        loader = DataLoader(PlainImages(source, indices, self.transform, self.size), batch_size=self.batch_size,
-                            num_workers=self.workers, pin_memory=self.device.type == "cuda",
-                            worker_init_fn=worker_init)  # the trainer decides when to stop
+        loader = DataLoader(
+            PlainImages(source, indices, self.transform, self.size),
+            batch_size=self.batch_size,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=worker_init,
+        )  # the trainer decides when to stop
         feats, oks = [], []
         with torch.no_grad():
             for images, ok in loader:
@@ -242,8 +291,9 @@ class KnnMonitor:
             dist.broadcast(flag, src=0)
 
 
-def start_monitor(plan: MonitorPlan, cfg: Config, indices: list[int] | None, device: torch.device, rank: int = 0,
-                  world: int = 1) -> KnnMonitor | None:
+def start_monitor(
+    plan: MonitorPlan, cfg: Config, indices: list[int] | None, device: torch.device, rank: int = 0, world: int = 1
+) -> KnnMonitor | None:
     """The monitor for this run, or None when it is off; rank 0 says which in one line."""
     say = print if rank == 0 else (lambda *args, **kwargs: None)
     if plan.memory is None:

@@ -17,8 +17,9 @@ from pirl.safe_io import open_append
 def mean_over_ranks(world: int, values: dict[str, Any], device: torch.device) -> dict[str, float]:
     """Each scalar averaged over the processes: with equal local batches, the value one process would log for
     the global batch. A collective (one all_reduce) when ``world > 1``."""
-    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(())
-                           for v in values.values()])
+    stacked = torch.stack(
+        [torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(()) for v in values.values()]
+    )
     if world > 1:
         dist.all_reduce(stacked)
         stacked /= world

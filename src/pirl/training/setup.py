@@ -62,8 +62,11 @@ def adapt_to_dataset(cfg: Config, num_samples: int, world: int) -> None:
         raise PirlError(f"optim.batch_size={o.batch_size} is not divisible by the {world} processes")
     limit = num_samples - 1 if b.exclude_positive else num_samples
     if b.negatives > limit:
-        warnings.warn(f"bank.negatives={b.negatives} ({OLD_NAMES['bank.negatives']} in older configs) exceeds the "
-                      f"{num_samples} images; using {limit}", stacklevel=2)
+        warnings.warn(
+            f"bank.negatives={b.negatives} ({OLD_NAMES['bank.negatives']} in older configs) exceeds the "
+            f"{num_samples} images; using {limit}",
+            stacklevel=2,
+        )
         b.negatives = limit
 
 
@@ -74,8 +77,10 @@ def batched_views(cfg: Config, views: Any) -> BatchedViews | None:
         return None
     batched = BatchedViews.like(views)
     if batched is None:
-        warnings.warn(f"data.batched_views: no batched form of {type(views).__name__}; the DataLoader makes the "
-                      "views", stacklevel=3)
+        warnings.warn(
+            f"data.batched_views: no batched form of {type(views).__name__}; the DataLoader makes the views",
+            stacklevel=3,
+        )
     return batched
 
 
@@ -89,8 +94,9 @@ class TrainingParts:
     optimizer: torch.optim.Optimizer
 
 
-def build_parts(cfg: Config, source: ImageSource, indices: list[int] | None, num_samples: int, dinfo: DistInfo,
-                device: torch.device) -> TrainingParts:
+def build_parts(
+    cfg: Config, source: ImageSource, indices: list[int] | None, num_samples: int, dinfo: DistInfo, device: torch.device
+) -> TrainingParts:
     """The method on ``device`` (seeded by ``train.seed``), its data pipeline and its SGD optimizer."""
     torch.manual_seed(cfg.train.seed)
     method = build_method(cfg, num_samples, source).to(device)  # the source: Supervised reads its labels
@@ -101,20 +107,45 @@ def build_parts(cfg: Config, source: ImageSource, indices: list[int] | None, num
     dataset = ViewDataset(source, DecodeResize(cfg.data) if batched else views, cfg.train.seed, indices)
     sampler = EpochSampler(num_samples, cfg.optim.batch_size, cfg.train.seed, dinfo.rank, dinfo.world)
     method.global_batch, method.batch_offset = cfg.optim.batch_size, dinfo.rank * sampler.local_batch
-    loader = DataLoader(dataset, batch_size=sampler.local_batch, sampler=sampler, num_workers=cfg.data.workers,
-                        pin_memory=device.type == "cuda", drop_last=True, worker_init_fn=worker_init)
-    optimizer = torch.optim.SGD(method.parameter_groups(cfg.optim.weight_decay), lr=0.0,
-                                momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
+    loader = DataLoader(
+        dataset,
+        batch_size=sampler.local_batch,
+        sampler=sampler,
+        num_workers=cfg.data.workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        worker_init_fn=worker_init,
+    )
+    optimizer = torch.optim.SGD(
+        method.parameter_groups(cfg.optim.weight_decay),
+        lr=0.0,
+        momentum=cfg.optim.momentum,
+        nesterov=cfg.optim.nesterov,
+    )
     return TrainingParts(method, batched, dataset, sampler, loader, optimizer)
 
 
-def write_run_config(run_dir: Path, cfg: Config, data: str | ImageSource, source: ImageSource, num_samples: int,
-                     val_data: str | ImageSource | None) -> None:
+def write_run_config(
+    run_dir: Path,
+    cfg: Config,
+    data: str | ImageSource,
+    source: ImageSource,
+    num_samples: int,
+    val_data: str | ImageSource | None,
+) -> None:
     """``config.json``: the data, the resolved config and the validation data of the run."""
-    atomic_write_text(run_dir / "config.json", json.dumps(
-        {"data": data if isinstance(data, str) else source.name, "num_samples": num_samples,
-         "config": config_to_dict(cfg),
-         "val_data": val_data if val_data is None or isinstance(val_data, str) else val_data.name}, indent=2))
+    atomic_write_text(
+        run_dir / "config.json",
+        json.dumps(
+            {
+                "data": data if isinstance(data, str) else source.name,
+                "num_samples": num_samples,
+                "config": config_to_dict(cfg),
+                "val_data": val_data if val_data is None or isinstance(val_data, str) else val_data.name,
+            },
+            indent=2,
+        ),
+    )
 
 
 def wrap_encoder(encoder: nn.Module, cfg: Config, dinfo: DistInfo, device: torch.device) -> nn.Module:
@@ -123,27 +154,44 @@ def wrap_encoder(encoder: nn.Module, cfg: Config, dinfo: DistInfo, device: torch
         encoder.to(memory_format=torch.channels_last)
     if dinfo.world > 1:
         encoder = torch.nn.parallel.DistributedDataParallel(
-            encoder, device_ids=[device.index] if device.type == "cuda" else None)
+            encoder, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if cfg.train.compile:
         encoder = torch.compile(encoder)
     return encoder
 
 
-def init_bank_from_features(method: Any, source: ImageSource, indices: list[int] | None, num_samples: int,
-                            cfg: Config, local_batch: int, dinfo: DistInfo, device: torch.device) -> None:
+def init_bank_from_features(
+    method: Any,
+    source: ImageSource,
+    indices: list[int] | None,
+    num_samples: int,
+    cfg: Config,
+    local_batch: int,
+    dinfo: DistInfo,
+    device: torch.device,
+) -> None:
     """``bank.init=features``: each process embeds its slice of every global batch (the last one wraps
     around), the bank gathers them."""
     per_step = local_batch * dinfo.world
     steps = -(-num_samples // per_step)
-    rows = [(step * per_step + dinfo.rank * local_batch + j) % num_samples
-            for step in range(steps) for j in range(local_batch)]
-    images = PlainImages(source, [indices[r] for r in rows] if indices else rows,
-                         eval_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std), cfg.data.image_size)
+    rows = [
+        (step * per_step + dinfo.rank * local_batch + j) % num_samples
+        for step in range(steps)
+        for j in range(local_batch)
+    ]
+    images = PlainImages(
+        source,
+        [indices[r] for r in rows] if indices else rows,
+        eval_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std),
+        cfg.data.image_size,
+    )
     loader = DataLoader(images, batch_size=local_batch, num_workers=cfg.data.workers, worker_init_fn=worker_init)
     row_batches = torch.tensor(rows).split(local_batch)  # the loader keeps the order of ``rows``
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # the loader draws a seed: keep training's random stream as it was
         method.init_bank_from_features((x.to(device), r.to(device)) for (x, _), r in zip(loader, row_batches))
     if dinfo.is_main:
-        print(f"bank initialised from the untrained network's features ({time.perf_counter() - start:.0f} s)",
-              flush=True)
+        print(
+            f"bank initialised from the untrained network's features ({time.perf_counter() - start:.0f} s)", flush=True
+        )

@@ -50,8 +50,9 @@ class Agreement:
         self.world, self.loss, self.bad = world, loss, bad
         nonfinite = (~torch.isfinite(loss.detach())).float()
         # new_full is a fill on the device, not a host-to-device copy (which would wait for the GPU)
-        flags = torch.stack([nonfinite, nonfinite.new_full((), float(signum)),
-                             nonfinite.new_full((), float((bad >= 0).any()))])
+        flags = torch.stack(
+            [nonfinite, nonfinite.new_full((), float(signum)), nonfinite.new_full((), float((bad >= 0).any()))]
+        )
         if world > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # NCCL: queued on the GPU, the host goes on
         self.event = None
@@ -91,9 +92,19 @@ class TrainStep:
     ``batched_views``: the batch holds decoded images, and the views are made here, seeded by the global step.
     """
 
-    def __init__(self, method: BaseMethod, optimizer: torch.optim.Optimizer, device: torch.device, *,
-                 encoder: nn.Module | None = None, amp: bool = True, channels_last: bool = False, world: int = 1,
-                 batched_views: BatchedViews | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        method: BaseMethod,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        *,
+        encoder: nn.Module | None = None,
+        amp: bool = True,
+        channels_last: bool = False,
+        world: int = 1,
+        batched_views: BatchedViews | None = None,
+        seed: int = 0,
+    ) -> None:
         self.method, self.optimizer, self.device, self.encoder = method, optimizer, device, encoder
         self.channels_last, self.world, self.batched_views, self.seed = channels_last, world, batched_views, seed
         self.dtype = amp_dtype(device) if amp else None
@@ -104,16 +115,29 @@ class TrainStep:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         if self.batched_views is not None:  # the loader sent decoded images: the views are made here, keyed by step
             gen = torch.Generator(self.device).manual_seed(mix_seed(self.seed, global_step, 0x6B7))
-            batch.update(self.batched_views(batch.pop("image"), batch.pop("size"), gen,
-                                            global_batch=self.method.global_batch, offset=self.method.batch_offset))
+            batch.update(
+                self.batched_views(
+                    batch.pop("image"),
+                    batch.pop("size"),
+                    gen,
+                    global_batch=self.method.global_batch,
+                    offset=self.method.batch_offset,
+                )
+            )
         if self.channels_last:
             for key in ("image", "rotated"):
                 if key in batch:
                     batch[key] = batch[key].contiguous(memory_format=torch.channels_last)
         return batch
 
-    def run(self, batch: dict[str, torch.Tensor], global_step: int, lr: float | None = None, stop: Any = None,
-            bad: torch.Tensor | None = None) -> StepResult:
+    def run(
+        self,
+        batch: dict[str, torch.Tensor],
+        global_step: int,
+        lr: float | None = None,
+        stop: Any = None,
+        bad: torch.Tensor | None = None,
+    ) -> StepResult:
         """Forward, backward and (when every process's loss is finite) the optimizer step and the bank update.
 
         ``lr``: set on every parameter group first (None: as it is). ``stop``: a

@@ -25,7 +25,7 @@ def test_update_is_normalised_momentum_average():
     bank = MemoryBank(4, 2, momentum=0.5)
     bank.memory.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]))
     bank.update(torch.tensor([0, 3]), torch.tensor([[0.0, 2.0], [3.0, 0.0]]))  # unnormalised input
-    s = 2 ** -0.5
+    s = 2**-0.5
     expected = torch.tensor([[s, s], [0.0, 1.0], [1.0, 0.0], [s, s]])
     assert torch.allclose(bank.memory, expected, atol=1e-6)
 
@@ -99,7 +99,7 @@ def _shards(n: int, dim: int, world: int, seed: int = 0, dtype: str = "float32")
 def test_blocked_init_draws_any_rows_alone():
     n = 3 * INIT_BLOCK // 2
     whole = initial_rows(n, 4, seed=5)
-    assert torch.equal(initial_rows(n, 4, 5, INIT_BLOCK - 3, INIT_BLOCK + 2), whole[INIT_BLOCK - 3:INIT_BLOCK + 2])
+    assert torch.equal(initial_rows(n, 4, 5, INIT_BLOCK - 3, INIT_BLOCK + 2), whole[INIT_BLOCK - 3 : INIT_BLOCK + 2])
     assert initial_rows(n, 4, 5, 7, 7).shape == (0, 4)
 
 
@@ -111,7 +111,7 @@ def test_shards_own_contiguous_blocks_of_the_replicated_bank():
     owners = shards[0].owner(torch.arange(103))
     assert torch.equal(owners, torch.repeat_interleave(torch.arange(4), torch.tensor([25, 26, 26, 26])))
     for s in shards:
-        assert (owners[s.start:s.stop] == s.rank).all()
+        assert (owners[s.start : s.stop] == s.rank).all()
     tiny = _shards(3, 8, 5)  # fewer rows than processes: some shards are empty
     assert [s.memory.shape[0] for s in tiny] == [0, 1, 0, 1, 1]
     assert tiny[0].owner(torch.arange(3)).tolist() == [1, 3, 4]
@@ -120,17 +120,24 @@ def test_shards_own_contiguous_blocks_of_the_replicated_bank():
 def _simulated_scores(shards, emb, positives, negatives):
     """Run the sharded score's three steps for every rank in one process, moving the messages by hand."""
     world, batch = len(shards), emb.shape[0] // len(shards)
-    plans = [s.plan(positives[r * batch:(r + 1) * batch],
-                    negatives[r * batch:(r + 1) * batch])
-             for r, s in enumerate(shards)]
+    plans = [
+        s.plan(positives[r * batch : (r + 1) * batch], negatives[r * batch : (r + 1) * batch])
+        for r, s in enumerate(shards)
+    ]
     sent = [list(torch.split(req, send.tolist())) for req, _, send in plans]  # sent[asker][owner]
     answers = []
     for owner, s in enumerate(shards):
         asked = torch.cat([sent[asker][owner] for asker in range(world)])
         counts = torch.tensor([len(sent[asker][owner]) for asker in range(world)])
         answers.append(list(torch.split(s.answer(emb, asked, counts, batch, negatives.shape[-1]), counts.tolist())))
-    return torch.cat([ShardedMemoryBank.unsort(torch.cat([answers[owner][asker] for owner in range(world)]),
-                                               plans[asker][1], batch) for asker in range(world)])
+    return torch.cat(
+        [
+            ShardedMemoryBank.unsort(
+                torch.cat([answers[owner][asker] for owner in range(world)]), plans[asker][1], batch
+            )
+            for asker in range(world)
+        ]
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -193,8 +200,9 @@ def test_bank_kind_is_validated():
 
 
 def test_sync_batchnorm_conversion_keeps_parameters_and_acts_as_batchnorm_alone():
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
-                              torch.nn.BatchNorm1d(64, affine=False))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.BatchNorm1d(64, affine=False)
+    )
     reference = copy.deepcopy(net)
     params = list(net.parameters())
     net = convert_sync_batchnorm(net, "cpu")

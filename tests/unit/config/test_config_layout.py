@@ -19,9 +19,17 @@ from pirl.training import train
 
 # every old key with a value other than its default
 OLD_VALUES = {
-    "loss.method": "npid", "loss.pretext": "rotation", "loss.lam": "0.25", "loss.transformed_bn_stats": "false",
-    "loss.permutations": "30", "loss.bank": "sharded", "loss.negatives": "64", "loss.bank_momentum": "0.7",
-    "loss.bank_dtype": "float16", "loss.bank_init": "random", "loss.exclude_positive": "true",
+    "loss.method": "npid",
+    "loss.pretext": "rotation",
+    "loss.lam": "0.25",
+    "loss.transformed_bn_stats": "false",
+    "loss.permutations": "30",
+    "loss.bank": "sharded",
+    "loss.negatives": "64",
+    "loss.bank_momentum": "0.7",
+    "loss.bank_dtype": "float16",
+    "loss.bank_init": "random",
+    "loss.exclude_positive": "true",
     "loss.share_negatives": "true",
 }
 
@@ -83,10 +91,19 @@ def test_old_overrides_give_the_same_config_as_the_new_keys():
     old = load_config("cpu-quick", [f"{k}={v}" for k, v in OLD_VALUES.items()])
     new = load_config("cpu-quick", [f"{RENAMED[k]}={v}" for k, v in OLD_VALUES.items()])
     assert old == new
-    assert (old.method.name, old.method.lam, old.method.transformed_bn_stats, old.method.permutations) == \
-           ("npid", 0.25, False, 30)
-    assert (old.bank.kind, old.bank.negatives, old.bank.momentum, old.bank.dtype, old.bank.init) == \
-           ("sharded", 64, 0.7, "float16", "random")
+    assert (old.method.name, old.method.lam, old.method.transformed_bn_stats, old.method.permutations) == (
+        "npid",
+        0.25,
+        False,
+        30,
+    )
+    assert (old.bank.kind, old.bank.negatives, old.bank.momentum, old.bank.dtype, old.bank.init) == (
+        "sharded",
+        64,
+        0.7,
+        "float16",
+        "random",
+    )
     assert old.bank.exclude_positive and old.bank.share_negatives and old.method.pretext == "rotation"
     assert translate_override("optim.epochs=3") == "optim.epochs=3"
 
@@ -113,8 +130,11 @@ def test_a_saved_config_of_the_old_layout_loads_as_the_same_config():
 
 
 def test_errors_name_the_key_as_given_and_its_new_name(tmp_path):
-    with pytest.raises(PirlError, match=r"^bad config value loss\.lam=2\.0: must be in \[0, 1\] \(loss\.lam is now "
-                                        r"method\.lam\)$"):
+    with pytest.raises(
+        PirlError,
+        match=r"^bad config value loss\.lam=2\.0: must be in \[0, 1\] \(loss\.lam is now "
+        r"method\.lam\)$",
+    ):
         load_config(None, ["loss.lam=2"])
     with pytest.raises(PirlError, match=r"^bad config value method\.lam=2\.0: must be in \[0, 1\]$"):
         load_config(None, ["method.lam=2"])
@@ -160,8 +180,9 @@ def test_a_run_folder_of_the_old_layout_resumes_and_exports(tmp_path):
     meta_out = json.loads((export(run, tmp_path / "exp") / "config.json").read_text())
     assert meta_out["method"] == "pirl" and meta_out["training_config"]["bank"]["negatives"] == 16
 
-    summary = train(tiny_config("optim.epochs=2", "loss.bank=sharded"), random_source(32), run, resume=True,
-                    progress=False)
+    summary = train(
+        tiny_config("optim.epochs=2", "loss.bank=sharded"), random_source(32), run, resume=True, progress=False
+    )
     assert summary["complete"] and summary["epochs"] == 2
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     resumed = [r for r in records if r["kind"] == "resume"]

@@ -199,11 +199,15 @@ def test_dotdot_link_name_cannot_bypass_the_link_check(tmp_path: Path, monkeypat
     """A link stored as ``p/q/a/../s`` used to escape the check done on ``p/q/s``; with tarfile's own
     filter switched off, pirl's check alone must refuse it and write nothing outside the cache."""
     monkeypatch.setattr(archive_mod, "_HAS_TAR_FILTERS", False)
-    src = _make_tar(tmp_path / "bypass.tar", [
-        ("p/q/a", {"type": tarfile.DIRTYPE}),
-        ("p/q/a/../s", {"type": tarfile.SYMTYPE, "linkname": "../.."}),
-        ("p/q/s/../../X", {"data": b"pwned"}),
-    ], "w")
+    src = _make_tar(
+        tmp_path / "bypass.tar",
+        [
+            ("p/q/a", {"type": tarfile.DIRTYPE}),
+            ("p/q/a/../s", {"type": tarfile.SYMTYPE, "linkname": "../.."}),
+            ("p/q/s/../../X", {"data": b"pwned"}),
+        ],
+        "w",
+    )
     cache = tmp_path / "box" / "cache"
     with pytest.raises(PirlError, match=r"'p/q/a/\.\./s'.*'\.\.' in the member name"):
         extract_archive(src, cache)
@@ -215,8 +219,11 @@ def test_link_escaping_on_disk_is_caught_after_extraction(tmp_path: Path, monkey
     """``a\\b`` reads as ``a/b`` to the lexical check (inside) but is one name on disk, where ``..`` leaves the
     folder: the real-path check after each member refuses it, with tarfile's filter off."""
     monkeypatch.setattr(archive_mod, "_HAS_TAR_FILTERS", False)
-    src = _make_tar(tmp_path / "slash.tar", [("a\\b", {"type": tarfile.SYMTYPE, "linkname": ".."}),
-                                             ("ok.txt", {"data": b"fine"})], "w")
+    src = _make_tar(
+        tmp_path / "slash.tar",
+        [("a\\b", {"type": tarfile.SYMTYPE, "linkname": ".."}), ("ok.txt", {"data": b"fine"})],
+        "w",
+    )
     cache = tmp_path / "box" / "cache"
     with pytest.raises(PirlError, match="resolves outside the target folder"):
         extract_archive(src, cache)

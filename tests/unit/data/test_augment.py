@@ -43,11 +43,14 @@ def test_the_table_module_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-@pytest.mark.parametrize("steps, expect", [
-    ((augment.Grayscale(1.0),), "gray"),
-    ((augment.Flip(1.0),), "flipped"),
-    ((augment.Grayscale(0.0), augment.Flip(0.0), augment.Jitter(0.5, 0.5, 0.5, 0.1, p=0.0)), "unchanged"),
-])
+@pytest.mark.parametrize(
+    "steps, expect",
+    [
+        ((augment.Grayscale(1.0),), "gray"),
+        ((augment.Flip(1.0),), "flipped"),
+        ((augment.Grayscale(0.0), augment.Flip(0.0), augment.Jitter(0.5, 0.5, 0.5, 0.1, p=0.0)), "unchanged"),
+    ],
+)
 def test_a_changed_table_entry_changes_both_pipelines(monkeypatch, steps, expect):
     images = _images()
     before = {"per-sample": _per_sample("light", images), "batched": _batched("light", images)}
@@ -88,8 +91,11 @@ def test_unknown_recipe_is_a_value_error_in_both_pipelines():
 
 def test_the_views_and_the_evaluators_keep_to_their_layers():
     """The data pipeline loads without the memory bank, and no evaluation loads the trainer."""
-    code = ("import sys, pirl.data.views, pirl.data.batched, pirl.data.indexed, pirl.data.sources, pirl.data.keys, pirl.data.dataset; "
-            "bank = 'pirl.bank' in sys.modules; "
-            "import pirl.eval.commands, pirl.eval.features, pirl.eval.invariance, pirl.eval.finetune; "
-            "sys.exit(2 * bank + ('pirl.training' in sys.modules or 'pirl.train' in sys.modules))")
+    code = (
+        "import sys, pirl.data.views, pirl.data.batched, pirl.data.indexed, pirl.data.sources, pirl.data.keys, "
+        "pirl.data.dataset; "
+        "bank = 'pirl.bank' in sys.modules; "
+        "import pirl.eval.commands, pirl.eval.features, pirl.eval.invariance, pirl.eval.finetune; "
+        "sys.exit(2 * bank + ('pirl.training' in sys.modules or 'pirl.train' in sys.modules))"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from helpers import random_source, tiny_config
 from pirl.config import load_config
 from pirl.data.batched import BatchedViews, DecodeResize, _color_jitter, _Draws, _hue, _jitter_draws, decode_size
 from pirl.data.views import PirlViews
 from pirl.errors import PirlError
-from helpers import random_source, tiny_config
 
 PLAIN = ["data.augment=none", "data.mean=[0,0,0]", "data.std=[1,1,1]"]
 
@@ -26,8 +26,8 @@ def _coordinates(height: int, width: int, canvas: int | None = None, edge: bool 
     out[1, :height, :width] = torch.arange(height, dtype=torch.uint8).unsqueeze(1)
     out[2, :height, :width] = 0
     if edge:
-        out[:, :height, width:] = out[:, :height, width - 1:width]
-        out[:, height:, :] = out[:, height - 1:height, :]
+        out[:, :height, width:] = out[:, :height, width - 1 : width]
+        out[:, height:, :] = out[:, height - 1 : height, :]
     return out
 
 
@@ -38,8 +38,9 @@ def _gen(seed: int = 0) -> torch.Generator:
 @pytest.mark.parametrize("pretext", [None, "jigsaw", "rotation", "jigsaw_rotation"])
 @pytest.mark.parametrize("augment", ["none", "light", "vissl", "simclr_blur"])
 def test_shapes_and_dtypes_for_every_pretext_and_augmentation(pretext, augment):
-    cfg = load_config("cpu-quick", [f"data.augment={augment}", "data.image_size=24", "data.jigsaw_crop=21",
-                                    "data.patch_size=6"]).data
+    cfg = load_config(
+        "cpu-quick", [f"data.augment={augment}", "data.image_size=24", "data.jigsaw_crop=21", "data.patch_size=6"]
+    ).data
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     sizes = torch.tensor([[32, 32], [20, 32], [5, 12]])
     out = BatchedViews(cfg, pretext)(images, sizes, _gen())
@@ -77,8 +78,9 @@ def test_each_patch_comes_from_its_own_cell_of_the_unpadded_image():
 
 
 def test_permutations_are_valid_and_uniform_and_offsets_cover_the_range():
-    cfg = load_config(None, ["data.jigsaw_crop=15", "data.patch_size=4", "data.image_size=8",
-                             "data.jigsaw_scale=[1.0,1.0]", *PLAIN]).data
+    cfg = load_config(
+        None, ["data.jigsaw_crop=15", "data.patch_size=4", "data.image_size=8", "data.jigsaw_scale=[1.0,1.0]", *PLAIN]
+    ).data
     n = 1800
     out = BatchedViews(cfg, "jigsaw")(_coordinates(15, 15).expand(n, 3, 15, 15), None, _gen(2))
     order = out["order"]
@@ -93,8 +95,17 @@ def test_permutations_are_valid_and_uniform_and_offsets_cover_the_range():
 
 
 def test_per_patch_augmentation_is_independent_across_patches():
-    cfg = load_config(None, ["data.jigsaw_crop=30", "data.patch_size=8", "data.image_size=16",
-                             "data.augment=light", "data.mean=[0,0,0]", "data.std=[1,1,1]"]).data
+    cfg = load_config(
+        None,
+        [
+            "data.jigsaw_crop=30",
+            "data.patch_size=8",
+            "data.image_size=16",
+            "data.augment=light",
+            "data.mean=[0,0,0]",
+            "data.std=[1,1,1]",
+        ],
+    ).data
     flat = torch.full((400, 3, 30, 30), 128, dtype=torch.uint8)  # on grey only brightness changes a patch
     patches = BatchedViews(cfg, "jigsaw")(flat, None, _gen(3))["patches"]
     level = patches.mean((2, 3, 4))  # (B, 9)
@@ -105,8 +116,17 @@ def test_per_patch_augmentation_is_independent_across_patches():
     # and the spread inside a puzzle is the spread across puzzles
     assert 0.8 < float(level.std(1).mean() / level[:, 0].std()) < 1.2
     # flips are per patch too: on a coordinate image, some patches are mirrored and some are not
-    coords = load_config(None, ["data.jigsaw_crop=30", "data.patch_size=8", "data.image_size=16",
-                                "data.augment=light", "data.mean=[0,0,0]", "data.std=[1,1,1]"]).data
+    coords = load_config(
+        None,
+        [
+            "data.jigsaw_crop=30",
+            "data.patch_size=8",
+            "data.image_size=16",
+            "data.augment=light",
+            "data.mean=[0,0,0]",
+            "data.std=[1,1,1]",
+        ],
+    ).data
     out = BatchedViews(coords, "jigsaw")(_coordinates(30, 30).expand(4, 3, 30, 30), None, _gen(4))["patches"]
     gray = out.std(2).amax((2, 3)) < 1e-6  # grayscale made R = G = B
     rising = out[:, :, 0, 0, -1] > out[:, :, 0, 0, 0]
@@ -122,7 +142,7 @@ def test_seeded_generator_is_deterministic_and_the_global_batch_splits_like_one_
         assert torch.equal(a[key], b[key]), key
     assert not torch.equal(a["image"], c["image"]) and not torch.equal(a["order"], c["order"])
     # two "processes" with 2 samples each draw exactly what one process drew for all 4
-    halves = [views(images[r * 2:(r + 1) * 2], None, _gen(5), global_batch=4, offset=r * 2) for r in (0, 1)]
+    halves = [views(images[r * 2 : (r + 1) * 2], None, _gen(5), global_batch=4, offset=r * 2) for r in (0, 1)]
     for key in a:
         torch.testing.assert_close(torch.cat([h[key] for h in halves]), a[key], rtol=0, atol=1e-6)
 
@@ -135,13 +155,16 @@ def _draws(seed: int, elements: int, per_sample: int = 1) -> _Draws:
 _TV_JITTER = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
 
 
-@pytest.mark.parametrize("strength, p, per_sample", [
-    ((0.4, 0.4, 0.4, 0.1), 0.8, 1),
-    ((0.8, 0.8, 0.8, 0.2), 0.8, 3),
-    ((0.4, 0.4, 0.4, 0.2), 1.0, 4),
-    ((1.5, 0.0, 0.6, 0.0), 0.9, 1),  # a factor range clipped at 0, and ops ColorJitter skips
-    ((0.0, 0.0, 0.0, 0.3), 1.0, 2),  # hue alone
-])
+@pytest.mark.parametrize(
+    "strength, p, per_sample",
+    [
+        ((0.4, 0.4, 0.4, 0.1), 0.8, 1),
+        ((0.8, 0.8, 0.8, 0.2), 0.8, 3),
+        ((0.4, 0.4, 0.4, 0.2), 1.0, 4),
+        ((1.5, 0.0, 0.6, 0.0), 0.9, 1),  # a factor range clipped at 0, and ops ColorJitter skips
+        ((0.0, 0.0, 0.0, 0.3), 1.0, 2),  # hue alone
+    ],
+)
 def test_color_jitter_is_torchvision_per_element_with_its_own_order_and_factors(strength, p, per_sample):
     x = torch.rand(12, 3, 8, 8, generator=_gen(10))
     out = _color_jitter(x, _draws(11, 12, per_sample), per_sample, strength, p)
@@ -229,7 +252,7 @@ def test_decode_resize_keeps_the_aspect_and_pads_with_the_edge():
     h, w = out["size"].tolist()
     assert out["image"].shape == (3, size, size) and out["image"].dtype == torch.uint8
     assert w == size and h == round(30 * size / 60)
-    assert torch.equal(out["image"][:, h:, :], out["image"][:, h - 1:h, :].expand(3, size - h, size))
+    assert torch.equal(out["image"][:, h:, :], out["image"][:, h - 1 : h, :].expand(3, size - h, size))
 
 
 def test_batched_views_option_is_validated_and_off_by_default():
@@ -246,10 +269,18 @@ def test_training_with_batched_views_on_cpu_is_repeatable_and_uses_them(tmp_path
     calls = []
     original = BatchedViews.__call__
     monkeypatch.setattr(BatchedViews, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
-    runs = [train_module.train(tiny_config("optim.epochs=1", "data.batched_views=true"), random_source(32),
-                               tmp_path / f"b{i}", progress=False) for i in range(2)]
-    per_sample = train_module.train(tiny_config("optim.epochs=1", "data.batched_views=false"), random_source(32),
-                                    tmp_path / "p", progress=False)
+    runs = [
+        train_module.train(
+            tiny_config("optim.epochs=1", "data.batched_views=true"),
+            random_source(32),
+            tmp_path / f"b{i}",
+            progress=False,
+        )
+        for i in range(2)
+    ]
+    per_sample = train_module.train(
+        tiny_config("optim.epochs=1", "data.batched_views=false"), random_source(32), tmp_path / "p", progress=False
+    )
     assert calls, "the trainer did not make the batched views"
     assert np.isfinite(runs[0]["loss"]) and runs[0]["checkpoint"]
     assert runs[0]["loss"] == runs[1]["loss"]

@@ -230,8 +230,11 @@ def test_file_size_cap_applies_before_reading(tmp_path: Path, monkeypatch: pytes
     with open(big, "wb") as fh:  # a sparse 1 GiB file: reading it whole would cost 1 GiB
         fh.truncate(1 << 30)
     monkeypatch.setattr(images_mod, "_max_bytes", 1 << 20)
-    with pytest.raises(BadImageError, match=r"big.png: file too large \(1,073,741,824 bytes > 1,048,576; .*"
-                                            "PIRL_MAX_IMAGE_BYTES"):
+    with pytest.raises(
+        BadImageError,
+        match=r"big.png: file too large \(1,073,741,824 bytes > 1,048,576; .*"
+        "PIRL_MAX_IMAGE_BYTES",
+    ):
         load_rgb(big)
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)

@@ -81,7 +81,9 @@ def test_single_wrapper_folder_is_descended(tmp_path: Path) -> None:
 
 
 def test_split_rule(tmp_path: Path) -> None:
-    root = _tree(tmp_path / "c", ["train/cat/1.png", "train/cat/2.png", "train/dog/3.png", "test/cat/4.png", "test/dog/5.png"])
+    root = _tree(
+        tmp_path / "c", ["train/cat/1.png", "train/cat/2.png", "train/dog/3.png", "test/cat/4.png", "test/dog/5.png"]
+    )
     train = open_source(str(root))
     assert len(train) == 3 and train.classes == ["cat", "dog"] and train.labels == [0, 0, 1]
     test = open_source(str(root), split="test")

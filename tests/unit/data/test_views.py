@@ -1,6 +1,6 @@
+import numpy as np
 import torch
 from PIL import Image
-import numpy as np
 
 from pirl.config import load_config
 from pirl.data.views import ImageView, JigsawView, PirlViews, jigsaw_geometry
@@ -38,8 +38,17 @@ def _coordinate_image(size: int) -> Image.Image:
 
 
 def test_jigsaw_view_patches_come_from_their_cells():
-    cfg = load_config(None, ["data.jigsaw_crop=60", "data.patch_size=16", "data.jigsaw_scale=[1.0,1.0]",
-                             "data.augment=none", "data.mean=[0,0,0]", "data.std=[1,1,1]"]).data
+    cfg = load_config(
+        None,
+        [
+            "data.jigsaw_crop=60",
+            "data.patch_size=16",
+            "data.jigsaw_scale=[1.0,1.0]",
+            "data.augment=none",
+            "data.mean=[0,0,0]",
+            "data.std=[1,1,1]",
+        ],
+    ).data
     view = JigsawView(cfg)
     torch.manual_seed(1)
     patches, order = view(torch.from_numpy(np.array(_coordinate_image(60))).permute(2, 0, 1).contiguous())
@@ -53,8 +62,9 @@ def test_jigsaw_view_patches_come_from_their_cells():
 
 
 def test_views_shapes_for_each_pretext():
-    cfg = load_config("cpu-quick", ["data.min_size=64", "data.image_size=64", "data.jigsaw_crop=63",
-                                    "data.patch_size=18"]).data
+    cfg = load_config(
+        "cpu-quick", ["data.min_size=64", "data.image_size=64", "data.jigsaw_crop=63", "data.patch_size=18"]
+    ).data
     img = _coordinate_image(32)  # upscaled to min_size first
     out = PirlViews(cfg, "jigsaw")(img)
     assert out["image"].shape == (3, 64, 64) and out["patches"].shape == (9, 3, 18, 18)

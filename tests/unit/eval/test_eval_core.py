@@ -176,8 +176,6 @@ def test_eval_transform_sizes() -> None:
     assert small(Image.new("RGB", (32, 32))).shape == (3, 32, 32)
 
 
-
-
 def _probe_with_val_curve(monkeypatch, peak: float, grid: tuple[float, ...]) -> dict:
     """Run linear_probe with a held-out accuracy that is a known function of the penalty, peaking at ``peak``."""
     import math
@@ -238,10 +236,10 @@ def test_linear_probe_single_penalty_is_not_extended() -> None:
 
 
 def test_source_images_at_indices_and_plain_images_blank_for_undecodable() -> None:
+    from helpers import random_source
     from pirl.data.images import BadImageError
     from pirl.data.indexed import PlainImages, SourceImages
     from pirl.data.views import eval_transform as home
-    from helpers import random_source
 
     assert eval_transform is home  # the view lives in pirl.data; pirl.eval.features re-exports it
     source = random_source(8, size=6)
@@ -282,6 +280,7 @@ def test_frozen_batches_runs_in_order_without_gradients_and_moves_only_the_input
     assert seen == [(True, torch.device("cpu"), torch.int64)] * 3
     # a pair of inputs per item, as the invariance measure feeds it: the nested batch arrives as a list
     items = [((x[i], -x[i]), int(y[i])) for i in range(10)]
-    sums = frozen_batches(lambda pair, labels: (pair[0] - pair[1]).sum().item(), items,
-                          device=torch.device("cpu"), batch_size=5)
+    sums = frozen_batches(
+        lambda pair, labels: (pair[0] - pair[1]).sum().item(), items, device=torch.device("cpu"), batch_size=5
+    )
     assert sums == [2 * sum(range(5)), 2 * sum(range(5, 10))]

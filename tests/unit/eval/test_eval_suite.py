@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
+from helpers import tiny_config
 from pirl.checkpoint import save_checkpoint
 from pirl.cli import main
 from pirl.config import config_to_dict
@@ -24,7 +25,6 @@ from pirl.eval import lowshot as ls
 from pirl.eval import retrieval as rt
 from pirl.methods import build_method
 from pirl.models.trunk import build_trunk
-from helpers import tiny_config
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
@@ -52,8 +52,15 @@ def _export(root, input_size: int = 16):
     torch.manual_seed(0)
     root.mkdir(parents=True)
     save_file(build_trunk("resnet18", "imagenet").state_dict(), root / "model.safetensors")
-    meta = {"format": "pirl-export-1", "arch": "resnet18", "stem": "imagenet", "feature_dim": 512,
-            "input_size": input_size, "mean": MEAN, "std": STD}
+    meta = {
+        "format": "pirl-export-1",
+        "arch": "resnet18",
+        "stem": "imagenet",
+        "feature_dim": 512,
+        "input_size": input_size,
+        "mean": MEAN,
+        "std": STD,
+    }
     (root / "config.json").write_text(json.dumps(meta))
     return root
 
@@ -70,8 +77,12 @@ def _run_dir(root):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("suite")
-    return {"data": _folder(root / "images"), "export": _export(root / "export"), "run": _run_dir(root / "run"),
-            "cache": root / "cache"}
+    return {
+        "data": _folder(root / "images"),
+        "export": _export(root / "export"),
+        "run": _run_dir(root / "run"),
+        "cache": root / "cache",
+    }
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -160,8 +171,21 @@ def test_finetune_learns_colour_classes(tiny) -> None:
     torch.manual_seed(0)
     trunk = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     source = open_source(str(tiny["data"]))
-    res = ft.finetune(trunk, source, source, input_size=16, mean=MEAN, std=STD, fraction=1.0, epochs=14, lr=0.1,
-                      batch_size=8, device="cpu", seed=0, out_dim=8)
+    res = ft.finetune(
+        trunk,
+        source,
+        source,
+        input_size=16,
+        mean=MEAN,
+        std=STD,
+        fraction=1.0,
+        epochs=14,
+        lr=0.1,
+        batch_size=8,
+        device="cpu",
+        seed=0,
+        out_dim=8,
+    )
     assert res["top1"] >= 0.9, res
     assert res["train_images"] == 16 and res["milestones"] == [6] and res["device"] == "cpu"
     assert res["details"]["train_loss_per_epoch"][-1] < res["details"]["train_loss_per_epoch"][0]
@@ -205,8 +229,7 @@ def test_invariance_zero_for_a_model_that_sees_identical_inputs(tiny) -> None:
     source = open_source(str(tiny["data"]))
     idx = list(range(len(source)))
     invariant = inv.Subject("mean", "trunk", _MeanColour(), None, "jigsaw", 15, MEAN, STD)
-    torch.testing.assert_close(inv.distances(invariant, source, idx, device="cpu"), torch.zeros(16), atol=1e-3,
-                               rtol=0)
+    torch.testing.assert_close(inv.distances(invariant, source, idx, device="cpu"), torch.zeros(16), atol=1e-3, rtol=0)
     sensitive = inv.Subject("flat", "trunk", nn.Flatten(), None, "jigsaw", 15, MEAN, STD)
     assert (inv.distances(sensitive, source, idx, device="cpu") > 0.1).all()
 
@@ -219,8 +242,9 @@ def test_load_subject_heads_for_runs_trunk_for_exports(tiny) -> None:
     with pytest.raises(PirlError, match="trunk only"):
         inv.load_subject(str(tiny["export"]), "heads")
     source = open_source(str(tiny["data"]))
-    res = inv.invariance([heads, inv.load_subject(str(tiny["export"]), random_init=True)], source, images=5,
-                         device="cpu")
+    res = inv.invariance(
+        [heads, inv.load_subject(str(tiny["export"]), random_init=True)], source, images=5, device="cpu"
+    )
     assert res["images"] == 5 and len(res["mean_distance"]) == 2
     assert all(0.0 <= d <= 2.0 for d in res["mean_distance"].values())
     assert sum(res["details"]["per_model"][heads.name]["histogram"]["counts"]) == 5
@@ -266,8 +290,11 @@ def _cli(capsys, *args) -> tuple[int, str, str]:
         ("knn", [], {"top1", "top1_k20"}),
         ("linear", ["--stage", "all"], {"top1", "best_stage", "top1_by_stage"}),
         ("lowshot", ["--shots", "1", "2", "4", "--seeds", "2"], {"top1", "top1_by_shot", "std_by_shot"}),
-        ("finetune", ["--fraction", "0.25", "--epochs", "1", "--batch-size", "4", "--lr", "0.05", "--device", "cpu"],
-         {"top1", "fraction", "train_images"}),
+        (
+            "finetune",
+            ["--fraction", "0.25", "--epochs", "1", "--batch-size", "4", "--lr", "0.05", "--device", "cpu"],
+            {"top1", "fraction", "train_images"},
+        ),
         ("retrieval", ["--queries", "3", "--k", "4"], {"top1", "precision_at_k"}),
         ("invariance", ["--random-init", "--images", "4"], {"mean_distance", "models"}),
     ],
@@ -275,8 +302,21 @@ def _cli(capsys, *args) -> tuple[int, str, str]:
 def test_cli_each_kind(tiny, tmp_path, capsys, kind, extra, keys) -> None:
     out = tmp_path / "out"
     models = ["--model", tiny["export"]] + (["--model", tiny["run"]] if kind == "invariance" else [])
-    code, stdout, err = _cli(capsys, "eval", kind, *models, "--data", tiny["data"], "--val-data", tiny["data"],
-                             "--workers", "0", "--out", out, *extra)
+    code, stdout, err = _cli(
+        capsys,
+        "eval",
+        kind,
+        *models,
+        "--data",
+        tiny["data"],
+        "--val-data",
+        tiny["data"],
+        "--workers",
+        "0",
+        "--out",
+        out,
+        *extra,
+    )
     assert code == 0, err
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert keys <= set(summary) and summary["eval"] == kind and "details" not in summary
@@ -289,8 +329,9 @@ def test_cli_each_kind(tiny, tmp_path, capsys, kind, extra, keys) -> None:
         assert written == {"linear-all.json"}
     elif kind == "retrieval":
         assert summary["top1"] == 1.0 and summary["top1_all_test"] == 1.0  # test images are the train images
-        assert [q["neighbours"][0] for q in full["details"]["queries"]] == \
-            [q["test_index"] for q in full["details"]["queries"]]
+        assert [q["neighbours"][0] for q in full["details"]["queries"]] == [
+            q["test_index"] for q in full["details"]["queries"]
+        ]
         assert written == {"retrieval-pool.json", "retrieval-pool.png"}
     elif kind == "invariance":
         assert len(summary["mean_distance"]) == 3 and written == {"invariance.json", "invariance.png"}

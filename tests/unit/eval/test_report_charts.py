@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import tiny_config
 from pirl.config import config_to_dict
 from pirl.eval.report import collect_probes, headline_table, load_run, probe_png, seed_groups, write_report
-from helpers import tiny_config
 
 STAGES = ("conv1", "res2", "res3", "res4", "res5", "pool")
 
@@ -27,15 +27,30 @@ def _run(root, method, seed, base, *, random_init=False):
     by_stage = {s: round(base + d, 4) for s, d in zip(STAGES, (0.05, 0.1, 0.12, 0.08, 0.02, 0.0))}
     results = {
         "knn-pool": {"eval": "knn", "protocol": "weighted kNN", "stage": "pool", "top1": base, "top1_k20": base + 0.01},
-        "linear-all": {"eval": "linear", "protocol": "per-layer probes", "stage": "all",
-                       "top1": max(by_stage.values()), "top1_by_stage": by_stage},
+        "linear-all": {
+            "eval": "linear",
+            "protocol": "per-layer probes",
+            "stage": "all",
+            "top1": max(by_stage.values()),
+            "top1_by_stage": by_stage,
+        },
     }
     if random_init:
-        results["knn-random-pool"] = {"eval": "knn", "protocol": "weighted kNN", "stage": "pool", "top1": 0.125,
-                                      "random_init": True}
-        results["linear-random-all"] = {"eval": "linear", "protocol": "per-layer probes", "stage": "all",
-                                        "top1": 0.2, "top1_by_stage": {s: 0.2 for s in STAGES},
-                                        "random_init": True}
+        results["knn-random-pool"] = {
+            "eval": "knn",
+            "protocol": "weighted kNN",
+            "stage": "pool",
+            "top1": 0.125,
+            "random_init": True,
+        }
+        results["linear-random-all"] = {
+            "eval": "linear",
+            "protocol": "per-layer probes",
+            "stage": "all",
+            "top1": 0.2,
+            "top1_by_stage": {s: 0.2 for s in STAGES},
+            "random_init": True,
+        }
     for name, result in results.items():
         (root / "eval" / f"{name}.json").write_text(json.dumps(result))
     return root
@@ -44,8 +59,12 @@ def _run(root, method, seed, base, *, random_init=False):
 @pytest.fixture
 def runs(tmp_path):
     """Three seeds of one PIRL config (random init evaluated under the first only) and one NPID run."""
-    return [_run(tmp_path / "pirl-s0", "pirl", 0, 0.40, random_init=True), _run(tmp_path / "pirl-s1", "pirl", 1, 0.44),
-            _run(tmp_path / "pirl-s2", "pirl", 2, 0.36), _run(tmp_path / "npid", "npid", 0, 0.30)]
+    return [
+        _run(tmp_path / "pirl-s0", "pirl", 0, 0.40, random_init=True),
+        _run(tmp_path / "pirl-s1", "pirl", 1, 0.44),
+        _run(tmp_path / "pirl-s2", "pirl", 2, 0.36),
+        _run(tmp_path / "npid", "npid", 0, 0.30),
+    ]
 
 
 def test_runs_that_differ_only_in_seed_form_one_group(runs):
@@ -67,7 +86,7 @@ def test_headline_table_holds_means_with_seed_spread_and_random_init(runs):
     assert html.count("<table>") == 1 and html.count("<tr>") == 4  # header, two groups, random init
     assert "0.4 ± 0.04 (3 seeds)" in html  # knn: mean of 0.36, 0.40, 0.44; farthest seed 0.04 away
     assert "0.52 ± 0.04 (3 seeds)" in html  # best layer (res3) of each seed
-    assert "<i>random init</i></th><td class=\"num\">0.125</td><td class=\"num\">0.2</td>" in html
+    assert '<i>random init</i></th><td class="num">0.125</td><td class="num">0.2</td>' in html
     assert "top1_k20" not in html  # secondary scores stay out of the table
 
 
@@ -103,10 +122,21 @@ def test_headless_browser_draws_the_report(runs, tmp_path):
     out = tmp_path / "report.html"
     write_report(runs, out)
     shot = tmp_path / "shot.png"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600", f"--screenshot={shot}",
-           out.as_uri()]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1200,1600",
+        f"--screenshot={shot}",
+        out.as_uri(),
+    ]
     subprocess.run(cmd, capture_output=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
     assert shot.is_file()
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)

@@ -50,6 +50,9 @@ def test_losses_are_fp32_even_for_half_inputs():
 
 def test_losses_decrease_as_the_positive_wins():
     weak, strong = torch.tensor([[0.1, 0.1, 0.1]]), torch.tensor([[0.9, 0.1, 0.1]])
-    for fn in (lambda s: losses.info_nce(s, 0.1), lambda s: losses.paper_nce(s, 0.1),
-               lambda s: losses.npid_nce(s, 0.1, torch.tensor(math.log(100.0)), 100)):
+    for fn in (
+        lambda s: losses.info_nce(s, 0.1),
+        lambda s: losses.paper_nce(s, 0.1),
+        lambda s: losses.npid_nce(s, 0.1, torch.tensor(math.log(100.0)), 100),
+    ):
         assert fn(strong) < fn(weak)

@@ -10,6 +10,7 @@ import torchvision
 from safetensors.torch import load_file
 from torch.utils.data import default_collate
 
+from helpers import random_source, tiny_config
 from pirl.checkpoint import export, latest_checkpoint, load_checkpoint
 from pirl.config import load_config
 from pirl.data.dataset import ViewDataset
@@ -19,7 +20,6 @@ from pirl.errors import PirlError
 from pirl.methods import METHODS, Jigsaw, Supervised, build_method, hamming_permutations
 from pirl.methods.rotation import rotate_all
 from pirl.train import train
-from helpers import random_source, tiny_config
 
 BASELINES = ("jigsaw", "rotation", "supervised")
 
@@ -56,8 +56,17 @@ def _coordinate_image(size: int) -> torch.Tensor:
 def test_jigsaw_view_applies_exactly_the_permutation_of_its_label():
     from PIL import Image
 
-    cfg = load_config(None, ["data.jigsaw_crop=60", "data.patch_size=16", "data.jigsaw_scale=[1.0,1.0]",
-                             "data.augment=none", "data.mean=[0,0,0]", "data.std=[1,1,1]"]).data
+    cfg = load_config(
+        None,
+        [
+            "data.jigsaw_crop=60",
+            "data.patch_size=16",
+            "data.jigsaw_scale=[1.0,1.0]",
+            "data.augment=none",
+            "data.mean=[0,0,0]",
+            "data.std=[1,1,1]",
+        ],
+    ).data
     perms = hamming_permutations(10)
     views = PirlViews(cfg, "jigsaw", permutations=perms, image=False)
     img = Image.fromarray(_coordinate_image(60).numpy())
@@ -208,14 +217,19 @@ def test_train_resume_and_export(tmp_path, name):
 
 def test_supervised_train_on_unlabelled_data_stops_with_one_line(tmp_path):
     with pytest.raises(PirlError, match="no labels"):
-        train(tiny_config("loss.method=supervised"), ArraySource(np.zeros((16, 16, 16, 3), np.uint8)),
-              tmp_path / "run", progress=False)
+        train(
+            tiny_config("loss.method=supervised"),
+            ArraySource(np.zeros((16, 16, 16, 3), np.uint8)),
+            tmp_path / "run",
+            progress=False,
+        )
 
 
 @pytest.mark.parametrize("pretext", ["rotation", "jigsaw_rotation"])
 def test_pirl_with_rotation_pretexts_trains(tmp_path, pretext):
-    summary = train(tiny_config(f"loss.pretext={pretext}", "optim.epochs=1"), random_source(16), tmp_path / "run",
-                    progress=False)
+    summary = train(
+        tiny_config(f"loss.pretext={pretext}", "optim.epochs=1"), random_source(16), tmp_path / "run", progress=False
+    )
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert np.isfinite(summary["loss"]) and all("loss_transformed" in r for r in rows if r["kind"] == "train")
     g = "encoder.heads.g.proj.weight" if pretext == "rotation" else "encoder.heads.g.concat_proj.weight"

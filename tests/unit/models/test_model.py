@@ -2,10 +2,10 @@ import pytest
 import torch
 import torchvision
 
+from helpers import tiny_config
 from pirl.methods import NPID, PIRL, build_method
 from pirl.models.heads import ImageHead, JigsawHead
 from pirl.models.trunk import build_trunk, feature_dim, stage_features
-from helpers import tiny_config
 
 
 @pytest.mark.parametrize("mlp", [False, True])
@@ -41,8 +41,11 @@ def test_trunk_keys_are_torchvision_keys():
 
 
 def _batch(n=8, patch=4, size=16):
-    return {"image": torch.randn(n, 3, size, size), "patches": torch.randn(n, 9, 3, patch, patch),
-            "index": torch.arange(n)}
+    return {
+        "image": torch.randn(n, 3, size, size),
+        "patches": torch.randn(n, 9, 3, patch, patch),
+        "index": torch.arange(n),
+    }
 
 
 def test_only_the_image_embedding_writes_the_bank():
@@ -118,6 +121,7 @@ def test_bank_init_from_features_writes_f_of_each_image_and_keeps_bn_statistics(
     assert all(torch.equal(v, method.encoder.state_dict()[k]) for k, v in running.items())
     method.encoder.train()
     with torch.no_grad():
-        expected = torch.cat([torch.nn.functional.normalize(method.encoder({"f": x})["f"], dim=1)
-                              for x in (images[:8], images[8:])])
+        expected = torch.cat(
+            [torch.nn.functional.normalize(method.encoder({"f": x})["f"], dim=1) for x in (images[:8], images[8:])]
+        )
     assert torch.allclose(method.bank.memory, expected, atol=1e-5)

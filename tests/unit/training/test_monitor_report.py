@@ -14,15 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import TINY, random_source, tiny_config
 from pirl.checkpoint import latest_checkpoint, load_checkpoint
 from pirl.cli import main
 from pirl.data.sources import ArraySource, open_source
 from pirl.errors import PirlError
-from pirl.training.monitor import KnnMonitor, plan_monitor, start_monitor
 from pirl.eval.report import write_report
 from pirl.models.trunk import build_trunk
 from pirl.train import train
-from helpers import TINY, random_source, tiny_config
+from pirl.training.monitor import KnnMonitor, plan_monitor, start_monitor
 
 
 def _coloured(n: int = 32, classes: int = 2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -72,8 +72,9 @@ def test_monitor_logs_every_epoch_and_leaves_training_unchanged(tmp_path, capsys
     off, on = (load_checkpoint(latest_checkpoint(tmp_path / n))["method"] for n in ("off", "on"))
     for key in off:
         torch.testing.assert_close(off[key], on[key], rtol=0, atol=0, equal_nan=True, msg=key)
-    assert [r["loss"] for r in _records(tmp_path / "off", "train")] == \
-           [r["loss"] for r in _records(tmp_path / "on", "train")]
+    assert [r["loss"] for r in _records(tmp_path / "off", "train")] == [
+        r["loss"] for r in _records(tmp_path / "on", "train")
+    ]
 
 
 def test_knn_every_schedule_and_config_checks():
@@ -135,7 +136,7 @@ def test_undecodable_images_are_dropped_not_fatal(tmp_path):
     state = torch.get_rng_state()
     values = monitor.run(trunk, 1, 10, log)
     assert trunk.training and torch.equal(state, torch.get_rng_state())  # mode and RNG stream restored
-    (kind, step, record), = log.records
+    ((kind, step, record),) = log.records
     assert kind == "eval" and step == 10 and record["knn_top1_k20"] == values["knn_top1_k20"]
     assert record["knn_memory_images"] + record["knn_query_images"] == 16  # 17 files, one broken
 
@@ -160,16 +161,16 @@ def test_distributed_rank0_computes_while_the_others_wait(tmp_path):
     import torch.multiprocessing as mp
 
     # fork: a spawned process would spend most of the test importing torch again
-    mp.start_processes(_heartbeat_worker, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2,
-                       start_method="fork")
+    mp.start_processes(
+        _heartbeat_worker, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2, start_method="fork"
+    )
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["values"] is not None and r1["values"] is None and r0["sum"] == r1["sum"] == 3.0
 
 
 def test_cli_train_val_data_then_report(tmp_path, capsys):
     data, val, run = _folder(tmp_path / "data"), _folder(tmp_path / "val", seed=1), tmp_path / "run"
-    assert main(["train", "--data", str(data), "--val-data", str(val), "--out", str(run), *TINY,
-                 "optim.epochs=1"]) == 0
+    assert main(["train", "--data", str(data), "--val-data", str(val), "--out", str(run), *TINY, "optim.epochs=1"]) == 0
     assert "16 --val-data images against 16 training images" in capsys.readouterr().out
     baseline, record = _records(run, "eval")  # epoch 0 (random init), epoch 1
     assert (baseline["epoch"], record["epoch"]) == (0, 1)
@@ -195,27 +196,55 @@ def _fake_run(root, method, top1, knn_curve):
     cfg = tiny_config(f"loss.method={method}")
     from pirl.config import config_to_dict
 
-    (root / "config.json").write_text(json.dumps({"data": "cifar10", "num_samples": 2000,
-                                                  "config": config_to_dict(cfg)}))
-    rows = [{"kind": "train", "global_step": s, "epoch": 1 + s // 5, "step": s, "loss": 6 - s / 10,
-             "loss_mean": 6 - s / 10, "lr": 0.01, "images_per_s": 40.0 + s} for s in range(1, 11)]
-    rows += [{"kind": "eval", "global_step": 5 * e, "epoch": e, "knn_top1_k20": v, "knn_top1_k200": v - 0.01}
-             for e, v in enumerate(knn_curve, start=1)]
+    (root / "config.json").write_text(
+        json.dumps({"data": "cifar10", "num_samples": 2000, "config": config_to_dict(cfg)})
+    )
+    rows = [
+        {
+            "kind": "train",
+            "global_step": s,
+            "epoch": 1 + s // 5,
+            "step": s,
+            "loss": 6 - s / 10,
+            "loss_mean": 6 - s / 10,
+            "lr": 0.01,
+            "images_per_s": 40.0 + s,
+        }
+        for s in range(1, 11)
+    ]
+    rows += [
+        {"kind": "eval", "global_step": 5 * e, "epoch": e, "knn_top1_k20": v, "knn_top1_k200": v - 0.01}
+        for e, v in enumerate(knn_curve, start=1)
+    ]
     (root / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + '\n{"kind": "tra')  # cut short
     (root / "eval").mkdir()
-    (root / "eval" / "knn-pool.json").write_text(json.dumps(
-        {"eval": "knn", "protocol": "weighted kNN (NPID), cosine, T=0.07", "top1": top1, "top1_k20": top1 + 0.01,
-         "stage": "pool", "train_images": 50000, "test_images": 10000}))
+    (root / "eval" / "knn-pool.json").write_text(
+        json.dumps(
+            {
+                "eval": "knn",
+                "protocol": "weighted kNN (NPID), cosine, T=0.07",
+                "top1": top1,
+                "top1_k20": top1 + 0.01,
+                "stage": "pool",
+                "train_images": 50000,
+                "test_images": 10000,
+            }
+        )
+    )
     return root
 
 
 def test_report_is_self_contained_and_holds_every_number(tmp_path, capsys):
     a = _fake_run(tmp_path / "runs" / "pirl", "pirl", 0.4123, [0.31, 0.35])
     b = _fake_run(tmp_path / "runs" / "npid", "npid", 0.3877, [0.29, 0.30])
-    (a / "eval" / "linear-pool.json").write_text(json.dumps(
-        {"eval": "linear", "protocol": "L-BFGS <logistic> & friends", "top1": 0.5061}))
-    (b / "lowshot.json").write_text(json.dumps(  # a result straight in the run directory
-        {"eval": "lowshot", "protocol": "SVM per shot", "top1": 0.2222, "top1_by_shot": {"1": 0.111, "8": 0.2222}}))
+    (a / "eval" / "linear-pool.json").write_text(
+        json.dumps({"eval": "linear", "protocol": "L-BFGS <logistic> & friends", "top1": 0.5061})
+    )
+    (b / "lowshot.json").write_text(
+        json.dumps(  # a result straight in the run directory
+            {"eval": "lowshot", "protocol": "SVM per shot", "top1": 0.2222, "top1_by_shot": {"1": 0.111, "8": 0.2222}}
+        )
+    )
     (b / "notes.json").write_text("[1, 2]")  # not an evaluation: ignored
     png = _png_bytes()
     (a / "eval" / "plots").mkdir()

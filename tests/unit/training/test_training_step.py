@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import torch
 
@@ -13,10 +12,12 @@ from pirl.methods import build_method
 from pirl.training.step import TrainStep
 
 
-
 def _batch(n: int = 8, size: int = 16, patch: int = 4) -> dict[str, torch.Tensor]:
-    return {"image": torch.randn(n, 3, size, size), "patches": torch.randn(n, 9, 3, patch, patch),
-            "index": torch.arange(n)}
+    return {
+        "image": torch.randn(n, 3, size, size),
+        "patches": torch.randn(n, 9, 3, patch, patch),
+        "index": torch.arange(n),
+    }
 
 
 def test_a_step_updates_the_weights_and_the_bank_and_sets_the_lr():
