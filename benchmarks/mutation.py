@@ -42,16 +42,16 @@ STAGE = ROOT / "mutants"
 
 # The one place that names test files: update these paths when the tests move.
 TEST_FILES = {
-    "losses": "tests/test_losses.py",
-    "bank": "tests/test_bank.py",
-    "methods": "tests/test_methods.py",
-    "model": "tests/test_model.py",
-    "training_step": "tests/test_training_step.py",
-    "views": "tests/test_views.py",
-    "augment": "tests/test_augment.py",
-    "batched": "tests/test_batched.py",
-    "train_resume_export": "tests/test_train_resume_export.py",
-    "api_weights": "tests/test_api_weights.py",
+    "losses": "tests/unit/methods/test_losses.py",
+    "bank": "tests/unit/bank/test_bank.py",
+    "methods": "tests/unit/methods/test_methods.py",
+    "model": "tests/unit/models/test_model.py",
+    "training_step": "tests/unit/training/test_training_step.py",
+    "views": "tests/unit/data/test_views.py",
+    "augment": "tests/unit/data/test_augment.py",
+    "batched": "tests/unit/data/test_batched.py",
+    "train_resume_export": "tests/integration/test_train_resume_export.py",
+    "api_weights": "tests/integration/test_api_weights.py",
 }
 
 # Tests left out of every run: each spawns a Python subprocess, which imports the unmutated package (mutmut puts

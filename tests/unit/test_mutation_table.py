@@ -8,16 +8,15 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO_ROOT
 
 
 @pytest.fixture(scope="module")
 def mutation():
-    spec = importlib.util.spec_from_file_location("mutation_benchmark", ROOT / "benchmarks" / "mutation.py")
+    spec = importlib.util.spec_from_file_location("mutation_benchmark", REPO_ROOT / "benchmarks" / "mutation.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     try:
@@ -53,7 +52,7 @@ def test_a_decorated_function_is_refused_because_mutmut_skips_it(mutation, monke
 
 
 def test_a_staged_run_mutates_its_modules_and_selects_only_their_tests(mutation):
-    pyproject = mutation.tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pyproject = mutation.tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     (group,) = mutation.plan(mutation.select(["bank"]))
     assert group.keys == ["bank.replicated", "bank.scoring", "bank.sharded"] and group.name == "bank"
     staged = mutation.tomllib.loads(
