@@ -11,11 +11,12 @@ import math
 
 import pytest
 import torch
-from tests.conftest import tiny_config
+from tests.conftest import random_source, tiny_config
 
 from pirl import losses
 from pirl.methods import build_method
 from pirl.methods.base import BankLoss
+from pirl.methods.rotation import rotate_all
 
 # three rows of (positive, 3 negatives): a confident row, a confused one and one in between
 SCORES = [[0.9, 0.1, -0.3, 0.2], [0.05, 0.6, 0.4, -0.1], [0.3, 0.25, 0.0, 0.35]]
@@ -210,6 +211,14 @@ def test_pirl_gradients_reach_trunk_and_both_heads_in_the_proportions_of_lam():
             torch.testing.assert_close(high[key], low[key] * (0.6 / LAM), rtol=1e-4, atol=1e-7, msg=key)
         elif key.startswith("heads.f."):
             torch.testing.assert_close(high[key], low[key] * (0.4 / (1 - LAM)), rtol=1e-4, atol=1e-7, msg=key)
+    # the trunk's gradient is lam a + (1 - lam) b, a from the transformed term and b from the image term:
+    # solved from the two runs, both terms reach the trunk
+    trunk = [k for k in low if k.startswith("trunk.")]
+    g_low, g_high = torch.cat([low[k].flatten() for k in trunk]), torch.cat([high[k].flatten() for k in trunk])
+    det = 0.6 * (1 - LAM) - LAM * 0.4
+    from_transformed = ((1 - LAM) * g_high - 0.4 * g_low) / det
+    from_image = (0.6 * g_low - LAM * g_high) / det
+    assert from_transformed.norm() > 0.05 * g_low.norm() and from_image.norm() > 0.05 * g_low.norm()
 
 
 def test_npid_gradients_reach_trunk_and_image_head_and_the_bank_stays_put():
@@ -220,3 +229,52 @@ def test_npid_gradients_reach_trunk_and_image_head_and_the_bank_stays_put():
     _nonzero_grads(method.encoder.trunk, "trunk")
     _nonzero_grads(method.encoder.heads["f"], "f")
     assert not method.bank.memory.requires_grad and torch.equal(method.bank.memory, before)
+
+
+@pytest.mark.parametrize("pretext, form", [("rotation", "npid_nce"), ("jigsaw_rotation", "paper_nce")])
+def test_pirl_gradients_reach_trunk_and_both_heads_for_the_other_pretexts(pretext, form):
+    torch.manual_seed(0)
+    method = build_method(
+        tiny_config(f"method.pretext={pretext}", f"method.lam={LAM}", f"loss.form={form}", "bank.negatives=16"), 40
+    )
+    batch = _batch()
+    batch["rotated"] = torch.randn(BATCH, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    out = method.training_step(batch, step=0)
+    out.loss.backward()
+    assert math.isclose(
+        out.loss.item(),
+        LAM * out.logs["loss_transformed"].item() + (1 - LAM) * out.logs["loss_image"].item(),
+        rel_tol=1e-6,
+    )
+    for name in ("trunk", "f", "g"):
+        _nonzero_grads(method.encoder.trunk if name == "trunk" else method.encoder.heads[name], name)
+
+
+@pytest.mark.parametrize("name", ["jigsaw", "rotation", "supervised"])
+def test_baseline_gradients_reach_trunk_and_head_and_acc_is_the_batch_accuracy(name):
+    torch.manual_seed(0)
+    cfg = tiny_config(f"method.name={name}", "method.permutations=30")
+    method = build_method(cfg, 8, random_source(8, classes=3))
+    gen = torch.Generator().manual_seed(2)
+    batch = {
+        "image": torch.randn(4, 3, 16, 16, generator=gen),
+        "patches": torch.randn(4, 9, 3, 4, 4, generator=gen),
+        "permutation": torch.tensor([0, 29, 3, 3]),
+        "label": torch.tensor([0, 2, 1, 2]),
+        "index": torch.arange(4),
+    }
+    out = method.training_step(batch, step=0)
+    out.loss.backward()
+    (head,) = method.encoder.heads.values()
+    _nonzero_grads(method.encoder.trunk, "trunk")
+    _nonzero_grads(head, name)
+    with torch.no_grad():  # the same forward again: the logits and targets the step classified
+        if name == "jigsaw":
+            logits, targets = method.encoder({"jigsaw": batch["patches"].flatten(0, 1)})["jigsaw"], batch["permutation"]
+        elif name == "rotation":
+            images, targets = rotate_all(batch["image"])
+            logits = method.encoder({"rotation": images})["rotation"]
+        else:
+            logits, targets = method.encoder({"classifier": batch["image"]})["classifier"], batch["label"]
+    assert math.isclose(out.loss.item(), torch.nn.functional.cross_entropy(logits, targets).item(), rel_tol=1e-5)
+    assert float(out.logs["acc"]) == float((logits.argmax(1) == targets).float().mean())
