@@ -89,7 +89,7 @@ def test_batched_crop_boxes_have_torchvisions_area_ratio_and_position_statistics
 
 
 def test_batched_crop_falls_back_to_torchvisions_central_crop():
-    """No attempt fits a 10 x 80 strip at scale 0.9-1: the whole height, the width cut to the largest ratio."""
+    """No attempt fits a 10 x 80 strip at scale 0.99-1: the whole height, the width cut to the largest ratio."""
     for height, width in ((10, 80), (80, 10), (30, 30)):
         draws = _Draws(torch.Generator().manual_seed(0), 1, 1, 0, torch.device("cpu"))
         (box,) = _resized_crop_boxes(draws, torch.tensor([height]), torch.tensor([width]), (0.99, 1.0)).tolist()
