@@ -1,0 +1,201 @@
+"""The memory bank against hand computations: the EMA update at a momentum where old row and new embedding can
+be told apart (0.8, not 0.5), the rules of the negatives' draw, and dense, gathered and shared scoring."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.conftest import tiny_config
+
+from pirl.bank import MemoryBank, build_bank, dense_scores, gathered_scores
+from pirl.bank_sharded import ShardedMemoryBank
+from pirl.methods import build_method
+from pirl.methods.base import StepOutput
+from pirl.seeding import mix_seed
+
+MU = 0.8
+
+
+def _unit(v: list[float]) -> list[float]:
+    norm = math.sqrt(sum(x * x for x in v))
+    return [x / norm for x in v]
+
+
+def _ema(old: list[float], new: list[float], mu: float) -> list[float]:
+    """normalize(mu * old + (1 - mu) * normalize(new)), by hand."""
+    return _unit([mu * o + (1 - mu) * n for o, n in zip(old, _unit(new))])
+
+
+ROWS = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.6, 0.0, 0.8], [0.0, 0.0, 1.0]]
+
+
+def test_update_at_momentum_0_8_is_the_hand_computed_renormalised_average():
+    bank = MemoryBank(4, 3, momentum=MU)
+    bank.memory.copy_(torch.tensor(ROWS))
+    new = [[0.0, 3.0, 4.0], [2.0, 0.0, 0.0]]  # not unit vectors: the update normalises them first
+    bank.update(torch.tensor([0, 2]), torch.tensor(new))
+    # row 0: 0.8 (1, 0, 0) + 0.2 (0, 0.6, 0.8) = (0.8, 0.12, 0.16), of norm sqrt(0.68): renormalised
+    assert _ema(ROWS[0], new[0], MU) == pytest.approx([0.8 / 0.68**0.5, 0.12 / 0.68**0.5, 0.16 / 0.68**0.5])
+    expected = [_ema(ROWS[0], new[0], MU), ROWS[1], _ema(ROWS[2], new[1], MU), ROWS[3]]
+    torch.testing.assert_close(bank.memory, torch.tensor(expected), rtol=0, atol=1e-6)
+    swapped = _unit([MU * n + (1 - MU) * o for o, n in zip(ROWS[0], _unit(new[0]))])
+    assert max(abs(a - b) for a, b in zip(swapped, expected[0])) > 0.3  # the swap is a different bank
+    assert torch.allclose(bank.memory.norm(dim=1), torch.ones(4), atol=1e-6)
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.3, MU])
+def test_update_weights_the_old_row_by_the_momentum(mu):
+    """Rows and embeddings at right angles: the new row's cosine with the old one is mu / sqrt(mu^2 + (1-mu)^2)."""
+    bank = MemoryBank(6, 4, momentum=mu)
+    old = bank.memory.clone()
+    rows = torch.tensor([1, 4])
+    new = torch.stack([old[1].roll(1), old[4].roll(1)])
+    new = new - (new * old[rows]).sum(1, keepdim=True) * old[rows]  # orthogonal to the old rows
+    bank.update(rows, 5.0 * new)
+    cos_old = (bank.memory[rows] * old[rows]).sum(1)
+    cos_new = (bank.memory[rows] * F.normalize(new, dim=1)).sum(1)
+    scale = math.hypot(mu, 1 - mu)
+    torch.testing.assert_close(cos_old, torch.full((2,), mu / scale), rtol=0, atol=1e-6)
+    torch.testing.assert_close(cos_new, torch.full((2,), (1 - mu) / scale), rtol=0, atol=1e-6)
+    untouched = [0, 2, 3, 5]
+    assert torch.equal(bank.memory[untouched], old[untouched])
+
+
+def test_float16_and_sharded_banks_update_as_the_hand_computation():
+    rows, new = torch.tensor([0, 2, 3]), torch.tensor([[0.0, 3.0, 4.0], [2.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    expected = torch.tensor(
+        [
+            _ema(ROWS[0], new[0].tolist(), MU),
+            ROWS[1],
+            _ema(ROWS[2], new[1].tolist(), MU),
+            _ema(ROWS[3], new[2].tolist(), MU),
+        ]
+    )
+    half = MemoryBank(4, 3, momentum=MU, dtype="float16")
+    half.memory.copy_(torch.tensor(ROWS))
+    half.update(rows, new)
+    assert half.memory.dtype == torch.float16
+    torch.testing.assert_close(half.memory.float(), expected, rtol=0, atol=1e-3)
+    shards = [ShardedMemoryBank(4, 3, momentum=MU, rank=r, world=2) for r in range(2)]
+    for s in shards:
+        s.memory.copy_(torch.tensor(ROWS[s.start : s.stop]))
+        s.write_owned(rows, F.normalize(new, dim=1))
+    torch.testing.assert_close(torch.cat([s.memory for s in shards]), expected, rtol=0, atol=1e-6)
+
+
+def test_the_configured_momentum_reaches_the_bank_and_after_step_writes_the_image_embeddings():
+    method = build_method(tiny_config(f"bank.momentum={MU}", "bank.negatives=8"), 12)
+    assert method.bank.momentum == MU and build_bank("sharded", 12, 4, momentum=MU).momentum == MU
+    before = method.bank.memory.clone()
+    idx, emb = torch.tensor([7, 2, 11]), torch.randn(3, 16)
+    method.after_step(StepOutput(torch.tensor(0.0), {}, (idx, emb)))
+    want = F.normalize(MU * before[idx] + (1 - MU) * F.normalize(emb, dim=1), dim=1)
+    torch.testing.assert_close(method.bank.memory[idx], want, rtol=0, atol=1e-6)
+    rest = [i for i in range(12) if i not in idx.tolist()]
+    assert torch.equal(method.bank.memory[rest], before[rest])
+
+
+# --------------------------------------------------------------------------- negatives
+
+
+def test_negatives_are_the_seeded_draw_and_may_include_the_positive_unless_excluded():
+    n, k, step, term, seed = 7, 40, 3, 1, 5
+    bank = MemoryBank(n, 4, seed=seed)
+    pos = torch.tensor([0, 3, 6, 3, 2, 5])
+    gen = lambda: torch.Generator().manual_seed(mix_seed(seed, step, term))  # noqa: E731
+    # with the positive: uniform over all N rows
+    drawn = bank.sample_negatives(pos, k, step, term)
+    assert torch.equal(drawn, torch.randint(0, n, (6, k), generator=gen()))
+    assert (drawn == pos.unsqueeze(1)).any()  # the positive is one of the N rows (VISSL)
+    # without it: N - 1 rows, the ones at or above the positive shifted up by one
+    raw = torch.randint(0, n - 1, (6, k), generator=gen())
+    excluded = bank.sample_negatives(pos, k, step, term, exclude_positive=True)
+    assert torch.equal(excluded, raw + (raw >= pos.unsqueeze(1)).long())
+    assert not (excluded == pos.unsqueeze(1)).any() and excluded.min() >= 0 and excluded.max() < n
+    # shared: one set of K for the batch, from all N rows (the positives are not excluded)
+    shared = bank.sample_negatives(pos, k, step, term, shared=True, exclude_positive=True)
+    assert shared.shape == (k,) and torch.equal(shared, torch.randint(0, n, (k,), generator=gen()))
+    # a rank's slice of the global draw
+    part = bank.sample_negatives(pos[2:4], k, step, term, global_batch=6, offset=2)
+    assert torch.equal(part, drawn[2:4])
+
+
+def test_negatives_cover_every_allowed_row_uniformly():
+    bank = MemoryBank(6, 4)
+    pos = torch.tensor([0, 5, 2]).repeat(200)
+    for exclude in (False, True):
+        neg = bank.sample_negatives(pos, 30, step=9, term=0, exclude_positive=exclude)
+        for p in (0, 5, 2):
+            counts = torch.bincount(neg[pos == p].flatten(), minlength=6).float()
+            share = counts / counts.sum()
+            allowed = [r for r in range(6) if not (exclude and r == p)]
+            assert (share[allowed] - 1 / len(allowed)).abs().max() < 0.02, (exclude, p, share)
+            if exclude:
+                assert counts[p] == 0
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_a_method_draws_as_many_negatives_as_the_rows_allow(exclude):
+    method = build_method(
+        tiny_config("bank.negatives=100", f"bank.exclude_positive={str(exclude).lower()}", "method.lam=0"), 10
+    )
+    seen = {}
+    real = method.bank.sample_negatives
+
+    def spy(positives, k, *args, **kwargs):
+        seen["k"], seen["exclude"] = k, kwargs["exclude_positive"]
+        seen["drawn"] = real(positives, k, *args, **kwargs)
+        return seen["drawn"]
+
+    method.bank.sample_negatives = spy
+    pos = torch.arange(4)
+    with torch.no_grad():
+        loss = method.bank_loss(F.normalize(torch.randn(4, 16), dim=1), pos, step=0, term=1)
+    assert torch.isfinite(loss) and seen["k"] == (9 if exclude else 10) and seen["exclude"] is exclude
+    assert seen["drawn"].shape == (4, seen["k"])
+    assert bool((seen["drawn"] == pos.unsqueeze(1)).any()) is not exclude  # seeded: the draw is fixed
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_dense_gathered_and_shared_scores_are_the_hand_dot_products(dtype):
+    bank = MemoryBank(60, 8, seed=4, dtype=dtype)
+    emb = F.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(1)), dim=1)
+    pos = torch.tensor([0, 13, 59, 13, 40])
+    neg = bank.sample_negatives(pos, 9, step=2, term=0, exclude_positive=True)
+    rows = bank.memory.float()
+    hand = torch.tensor([[float(emb[b] @ rows[pos[b]])] + [float(emb[b] @ rows[j]) for j in neg[b]] for b in range(5)])
+    bank.dense_ratio = 100.0  # N = 60 <= 100 K: dense
+    dense = bank.score(emb, pos, neg)
+    bank.dense_ratio = 0.0  # gathered
+    gathered = bank.score(emb, pos, neg)
+    for got in (dense, gathered):
+        assert got.dtype == torch.float32 and got.shape == (5, 10)
+        torch.testing.assert_close(got, hand, rtol=0, atol=1e-6)
+    torch.testing.assert_close(dense, gathered, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        dense_scores(emb, bank.memory).gather(1, neg), gathered_scores(emb, bank.memory, neg), rtol=0, atol=1e-6
+    )
+    shared = bank.sample_negatives(pos, 9, step=2, term=0, shared=True)
+    torch.testing.assert_close(bank.score(emb, pos, shared)[:, 1:], emb @ rows[shared].T, rtol=0, atol=1e-6)
+
+
+def test_dense_and_gathered_scores_have_the_same_gradient():
+    bank = MemoryBank(50, 8, seed=6)
+    pos = torch.tensor([1, 2, 30, 49])
+    neg = bank.sample_negatives(pos, 12, step=0, term=1)
+    weights = torch.randn(4, 13, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for ratio in (100.0, 0.0):
+        bank.dense_ratio = ratio
+        emb = F.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(3)), dim=1).requires_grad_()
+        (bank.score(emb, pos, neg) * weights).sum().backward()
+        grads.append(emb.grad)
+    want = weights[:, :1] * bank.memory[pos] + torch.einsum("bk,bkd->bd", weights[:, 1:], bank.memory[neg])
+    torch.testing.assert_close(grads[0], want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grads[1], want, rtol=0, atol=1e-6)
