@@ -40,8 +40,15 @@ TESTS_PATH = os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT / "src"), 
 # 16 images, global batch 8: 2 steps per epoch, 2 epochs. A constant learning rate (final_lr_ratio=1), so that a
 # 1-epoch prefix of a 2-epoch run is a run of its own; a gentle one, so that rounding grows slowly.
 # The small-image stem keeps feature maps above 1x1, where BatchNorm over a few values amplifies rounding most.
-OPTS = ["optim.final_lr_ratio=1.0", "optim.base_lr=0.01", "loss.temperature=0.2", "model.stem=cifar",
-        "train.sync_bn=true", "loss.bank_init=random", "model.head_bn=false"]
+OPTS = [
+    "optim.final_lr_ratio=1.0",
+    "optim.base_lr=0.01",
+    "loss.temperature=0.2",
+    "model.stem=cifar",
+    "train.sync_bn=true",
+    "loss.bank_init=random",
+    "model.head_bn=false",
+]
 # The paper's plain heads, not cpu-quick's model.head_bn=true: its BatchNorm over 8 nearly collinear embeddings
 # amplifies rounding about 10x more in the bank. That is rounding, not a 2-process error: with it, 1 and 2
 # processes differ by 7.6e-4 in the fourth loss and 0.016 in the bank, and one process with 1 thread against 2
@@ -68,7 +75,7 @@ def _check_bank_collectives() -> None:
     gen = torch.Generator().manual_seed(0)
     n, dim, batch, k = 101, 8, 4, 30
     emb_all = F.normalize(torch.randn(world * batch, dim, generator=gen), dim=1)
-    pos_all = torch.randperm(n, generator=gen)[:world * batch]
+    pos_all = torch.randperm(n, generator=gen)[: world * batch]
     mine = slice(rank * batch, (rank + 1) * batch)
     replicated, sharded = MemoryBank(n, dim, seed=2), ShardedMemoryBank(n, dim, seed=2)
     assert sharded.memory.shape[0] in (50, 51)
@@ -77,8 +84,16 @@ def _check_bank_collectives() -> None:
         for shared in (False, True):
             e_rep = emb_all[mine].clone().requires_grad_()
             e_sh = emb_all[mine].clone().requires_grad_()
-            neg = replicated.sample_negatives(pos_all[mine], k, 3, 1, shared=shared, exclude_positive=not shared,
-                                              global_batch=world * batch, offset=rank * batch)
+            neg = replicated.sample_negatives(
+                pos_all[mine],
+                k,
+                3,
+                1,
+                shared=shared,
+                exclude_positive=not shared,
+                global_batch=world * batch,
+                offset=rank * batch,
+            )
             s_rep = replicated.score(e_rep, pos_all[mine], neg)
             s_sh = sharded.score(e_sh, pos_all[mine], neg)
             torch.testing.assert_close(s_sh, s_rep, rtol=0, atol=1e-6)
@@ -108,12 +123,12 @@ def _check_sync_batchnorm() -> None:
     full.weight.data.uniform_(0.5, 1.5, generator=gen)
     synced = convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), "cpu")[0]
     synced.load_state_dict(full.state_dict())
-    x_full, x_half = x.clone().requires_grad_(), x[rank * 4:(rank + 1) * 4].clone().requires_grad_()
+    x_full, x_half = x.clone().requires_grad_(), x[rank * 4 : (rank + 1) * 4].clone().requires_grad_()
     out_full, out_half = full(x_full), synced(x_half)
-    torch.testing.assert_close(out_half, out_full[rank * 4:(rank + 1) * 4], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_half, out_full[rank * 4 : (rank + 1) * 4], rtol=1e-5, atol=1e-5)
     (out_full * weights).sum().backward()
-    (out_half * weights[rank * 4:(rank + 1) * 4]).sum().backward()
-    torch.testing.assert_close(x_half.grad, x_full.grad[rank * 4:(rank + 1) * 4], rtol=1e-4, atol=1e-5)
+    (out_half * weights[rank * 4 : (rank + 1) * 4]).sum().backward()
+    torch.testing.assert_close(x_half.grad, x_full.grad[rank * 4 : (rank + 1) * 4], rtol=1e-4, atol=1e-5)
     grads = torch.cat([synced.weight.grad, synced.bias.grad])
     dist.all_reduce(grads)  # as DDP would (it averages; the sum of the local losses is the full batch's)
     torch.testing.assert_close(grads, torch.cat([full.weight.grad, full.bias.grad]), rtol=1e-4, atol=1e-4)
@@ -173,8 +188,14 @@ def _assert_states_close(got: dict, want: dict) -> None:
     error = _weight_error(got, want)
     assert error < WEIGHT_FRACTION, f"weights off by {error:.3g} of how far they moved"
     for key in want:  # the BatchNorm statistics, the bank and Z (the weights are within STATE_ATOL as well)
-        torch.testing.assert_close(got[key].float(), want[key].float(), rtol=0, atol=STATE_ATOL, equal_nan=True,
-                                   msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(
+            got[key].float(),
+            want[key].float(),
+            rtol=0,
+            atol=STATE_ATOL,
+            equal_nan=True,
+            msg=lambda m, key=key: f"{key}: {m}",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -188,13 +209,22 @@ def runs(tmp_path_factory) -> Path:
     try:
         train(tiny_config(*OPTS), str(work / "images"), work / "one", progress=False)
         # the control of the weight check: one epoch at twice the learning rate
-        train(tiny_config(*OPTS, "optim.base_lr=0.02", "optim.epochs=1"), str(work / "images"), work / "double_lr",
-              progress=False)
+        train(
+            tiny_config(*OPTS, "optim.base_lr=0.02", "optim.epochs=1"),
+            str(work / "images"),
+            work / "double_lr",
+            progress=False,
+        )
     finally:
         torch.set_num_threads(threads)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             __file__, str(work)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": TESTS_PATH})
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__, str(work)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": TESTS_PATH},
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return work
 
@@ -231,8 +261,9 @@ def test_a_two_process_sharded_checkpoint_resumes_in_one_process(runs, tmp_path,
     shutil.copy(runs / "sharded" / first_epoch, tmp_path / "run" / first_epoch)
     threads = torch.get_num_threads()
     try:
-        train(tiny_config(*OPTS, f"loss.bank={bank}"), str(runs / "images"), tmp_path / "run", resume=True,
-              progress=False)
+        train(
+            tiny_config(*OPTS, f"loss.bank={bank}"), str(runs / "images"), tmp_path / "run", resume=True, progress=False
+        )
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_allclose(_losses(tmp_path / "run"), _losses(runs / "one")[2:], rtol=LOSS_RTOL)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests.conftest import tiny_config
 
+from helpers import tiny_config
 from pirl.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from pirl.train import train
 from pirl.training.step import TrainStep

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from tests.conftest import tiny_config
 from torchvision.transforms.v2 import functional as TF
 
+from helpers import tiny_config
 from pirl.data.batched import _crop_resize, _Draws, _resized_crop_boxes
 from pirl.data.dataset import ViewDataset
 from pirl.data.images import BadImageError

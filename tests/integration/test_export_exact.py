@@ -14,9 +14,9 @@ import pytest
 import torch
 import torchvision
 from safetensors.torch import load_file
-from tests.conftest import random_source, tiny_config
 
 import pirl
+from helpers import random_source, tiny_config
 from pirl.checkpoint import export, latest_checkpoint, load_checkpoint
 from pirl.methods import build_method
 from pirl.models.trunk import build_trunk

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import tiny_config
 
+from helpers import tiny_config
 from pirl.bank import MemoryBank, build_bank, dense_scores, gathered_scores
 from pirl.bank_sharded import ShardedMemoryBank
 from pirl.methods import build_method

@@ -11,8 +11,8 @@ import math
 
 import pytest
 import torch
-from tests.conftest import random_source, tiny_config
 
+from helpers import random_source, tiny_config
 from pirl import losses
 from pirl.methods import build_method
 from pirl.methods.base import BankLoss
