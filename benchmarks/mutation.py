@@ -43,15 +43,19 @@ STAGE = ROOT / "mutants"
 # The one place that names test files: update these paths when the tests move.
 TEST_FILES = {
     "losses": "tests/unit/methods/test_losses.py",
+    "loss_terms": "tests/unit/methods/test_loss_terms_by_hand.py",
     "bank": "tests/unit/bank/test_bank.py",
+    "bank_by_hand": "tests/unit/bank/test_bank_by_hand.py",
     "methods": "tests/unit/methods/test_methods.py",
     "model": "tests/unit/models/test_model.py",
     "training_step": "tests/unit/training/test_training_step.py",
     "views": "tests/unit/data/test_views.py",
     "augment": "tests/unit/data/test_augment.py",
     "batched": "tests/unit/data/test_batched.py",
+    "view_geometry": "tests/unit/data/test_view_geometry.py",
     "train_resume_export": "tests/integration/test_train_resume_export.py",
     "api_weights": "tests/integration/test_api_weights.py",
+    "export_exact": "tests/integration/test_export_exact.py",
 }
 
 # Tests left out of every run: each spawns a Python subprocess, which imports the unmutated package (mutmut puts
@@ -76,24 +80,24 @@ class Core:
     functions: tuple[str, ...] = ()
 
 
-METHOD_TESTS = ("methods", "model", "training_step")
-DATA_TESTS = ("views", "augment", "batched")
-EXPORT_TESTS = ("train_resume_export", "api_weights")
+METHOD_TESTS = ("loss_terms", "methods", "model", "training_step")
+DATA_TESTS = ("views", "view_geometry", "augment", "batched")
+EXPORT_TESTS = ("export_exact", "train_resume_export", "api_weights")
 SHARD = "ShardedMemoryBank."
 
 CORE: dict[str, Core] = {
-    "losses": Core("src/pirl/losses.py", ("losses",)),
+    "losses": Core("src/pirl/losses.py", ("losses", "loss_terms")),
     # the bank's update (the EMA write) and sampling (initial rows, negatives), and the choice of scoring path
     "bank.replicated": Core(
         "src/pirl/bank/replicated.py",
-        ("bank",),
+        ("bank", "bank_by_hand"),
         ("initial_rows", "MemoryBank.sample_negatives", "MemoryBank.score", "MemoryBank._write"),
     ),
-    "bank.scoring": Core("src/pirl/bank/scoring.py", ("bank",)),
+    "bank.scoring": Core("src/pirl/bank/scoring.py", ("bank", "bank_by_hand")),
     # all but score and full_memory, whose bodies beyond one process are collectives that only torchrun reaches
     "bank.sharded": Core(
         "src/pirl/bank/sharded.py",
-        ("bank",),
+        ("bank", "bank_by_hand"),
         tuple(
             SHARD + name for name in ("__init__", "_initial_memory", "owner", "plan", "answer", "unsort", "write_owned")
         )

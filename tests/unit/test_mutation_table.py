@@ -64,7 +64,7 @@ def test_a_staged_run_mutates_its_modules_and_selects_only_their_tests(mutation)
         "src/pirl/bank/scoring.py",
         "src/pirl/bank/sharded.py",
     ]
-    assert settings["pytest_add_cli_args_test_selection"] == [mutation.TEST_FILES["bank"]]
+    assert settings["pytest_add_cli_args_test_selection"] == [mutation.TEST_FILES[k] for k in ("bank", "bank_by_hand")]
     assert settings["process_isolation"] == pyproject["tool"]["mutmut"]["process_isolation"]
     assert staged["tool"]["pytest"]["ini_options"] == pyproject["tool"]["pytest"]["ini_options"]
 
