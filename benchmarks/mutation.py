@@ -108,16 +108,28 @@ CORE: dict[str, Core] = {
     "methods.jigsaw": Core("src/pirl/methods/jigsaw.py", METHOD_TESTS),
     "methods.rotation": Core("src/pirl/methods/rotation.py", METHOD_TESTS),
     "methods.supervised": Core("src/pirl/methods/supervised.py", METHOD_TESTS),
-    "data.views": Core("src/pirl/data/views.py", DATA_TESTS),
+    # the geometry of the per-sample views: the crops, the jigsaw cut and the order of the patches (the colour
+    # operations are torchvision's, checked against it in the augmentation tests)
+    "data.views": Core(
+        "src/pirl/data/views.py",
+        DATA_TESTS,
+        (
+            "ImageView.__init__",
+            "ImageView.__call__",
+            "jigsaw_geometry",
+            "JigsawView.__init__",
+            "JigsawView.__call__",
+            "PirlViews.__init__",
+            "PirlViews.__call__",
+            "eval_transform",
+        ),
+    ),
     "data.augment": Core("src/pirl/data/augment.py", DATA_TESTS),
-    # the geometry only: decoding, the draws, crop boxes, turns, the crop-resize and the jigsaw cut
+    # the geometry only: the draws, crop boxes, turns, the crop-resize and the jigsaw cut
     "data.batched": Core(
         "src/pirl/data/batched.py",
         DATA_TESTS,
         (
-            "decode_size",
-            "DecodeResize.__init__",
-            "DecodeResize.__call__",
             "_Draws.uniform",
             "_Draws.between",
             "_Draws.integers",
@@ -136,7 +148,6 @@ CORE: dict[str, Core] = {
         EXPORT_TESTS,
         ("trunk_state_dict", "export", "_write_export", "safetensors_bytes", "load_export", "_export_problem"),
     ),
-    "export.interop": Core("src/pirl/interop.py", EXPORT_TESTS, ("detectron2_key", "write_detectron2", "timm_config")),
 }
 
 # mutmut's exit-code verdicts as ``mutmut results`` names them, and the JSON field each is counted in
