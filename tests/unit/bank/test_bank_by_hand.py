@@ -199,3 +199,45 @@ def test_dense_and_gathered_scores_have_the_same_gradient():
     want = weights[:, :1] * bank.memory[pos] + torch.einsum("bk,bkd->bd", weights[:, 1:], bank.memory[neg])
     torch.testing.assert_close(grads[0], want, rtol=0, atol=1e-6)
     torch.testing.assert_close(grads[1], want, rtol=0, atol=1e-6)
+
+
+def test_initial_rows_are_seeded_blocks_and_any_range_is_a_slice_of_them(monkeypatch):
+    import pirl.bank.replicated as replicated
+
+    monkeypatch.setattr(replicated, "INIT_BLOCK", 4)  # 10 rows: blocks of 4, 4 and 2
+    n, dim, seed = 10, 6, 3
+    bound = 1.0 / (dim / 3) ** 0.5
+    drawn = []
+    for block in range(3):  # each block its own seeded uniform draw in [-a, a]; the rows then normalised
+        gen = torch.Generator().manual_seed(mix_seed(seed, 0x8A4C, block))
+        drawn.append(torch.rand(min(4, n - 4 * block), dim, generator=gen) * (2 * bound) - bound)
+    full = replicated.initial_rows(n, dim, seed)
+    torch.testing.assert_close(full, F.normalize(torch.cat(drawn), dim=1), rtol=0, atol=0)
+    assert not torch.allclose(full[:2], full[4:6])  # the blocks are different draws
+    # what a rank draws for the rows it owns: ranges inside a block, across blocks, ending on a block edge or
+    # one row before it, and empty ones
+    for start, stop in [(1, 3), (3, 9), (4, 8), (5, 7), (0, 7), (7, 10), (0, 4), (8, 10), (2, 2), (8, 7)]:
+        got = replicated.initial_rows(n, dim, seed, start, stop)
+        want = full[start:stop] if stop > start else torch.empty(0, dim)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"rows {start}:{stop}")
+
+
+# an out= of the wrong size is resized with a warning (deprecated): the scores must land in their own columns
+@pytest.mark.filterwarnings("error:An output with one or more elements was resized")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gathered_scores_in_several_pieces_are_the_dense_ones_with_their_gradient(monkeypatch, dtype):
+    import pirl.bank.scoring as scoring
+
+    monkeypatch.setattr(scoring, "GATHER_PIECE", 3)  # K = 7 negatives: pieces of 3, 3 and 1 per sample
+    gen = torch.Generator().manual_seed(0)
+    memory = F.normalize(torch.randn(20, 8, generator=gen), dim=1).to(dtype)
+    emb = F.normalize(torch.randn(3, 8, generator=gen), dim=1).requires_grad_()
+    negatives = torch.randint(0, 20, (3, 7), generator=gen)
+    got = scoring.gathered_scores(emb, memory, negatives)
+    ref = emb.detach().clone().requires_grad_()
+    want = torch.gather(ref @ memory.float().T, 1, negatives)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    weights = torch.randn(3, 7, generator=gen)
+    (got * weights).sum().backward()
+    (want * weights).sum().backward()
+    torch.testing.assert_close(emb.grad, ref.grad, rtol=0, atol=1e-5)
