@@ -1,5 +1,8 @@
 """Scores of embeddings against bank rows: dense (every row, then pick columns) and gathered (only the rows
 asked for, without materialising them), for float32 and float16 banks.
+
+Each has a GPU path and a CPU path, chosen by the embeddings' device (:func:`fused_path`) unless the caller
+names one: both compute the same scores, and naming the path lets the tests check the GPU arithmetic on a CPU.
 """
 
 from __future__ import annotations
@@ -11,6 +14,12 @@ import torch.nn.functional as F
 GATHER_PIECE = 4096
 
 
+def fused_path(device: torch.device) -> bool:
+    """Whether scoring on ``device`` takes the fused path (one gather and one batched product; a fused
+    ``embedding_bag`` backward; half-precision products): on every device but the CPU."""
+    return device.type != "cpu"
+
+
 class _GatheredScores(torch.autograd.Function):
     """``s[b, k] = memory[negatives[b, k]] . emb[b]`` without keeping the B x K x D gathered rows.
 
@@ -19,14 +28,16 @@ class _GatheredScores(torch.autograd.Function):
     copy itself, and it was read twice more (product, backward). Backward is one fused ``embedding_bag``:
     ``d emb[b] = sum_k grad[b, k] memory[negatives[b, k]]`` (for a float16 bank on the CPU, the pieces again,
     widened: the CPU kernel would sum in float16). The bank gets no gradient; saving it lets autograd
-    refuse a backward after the bank was updated in place.
+    refuse a backward after the bank was updated in place. ``fused`` takes the GPU path instead: one gather
+    and one batched product, where the allocator caches and the kernel launches count.
     """
 
     @staticmethod
-    def forward(ctx, emb: torch.Tensor, memory: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, emb: torch.Tensor, memory: torch.Tensor, negatives: torch.Tensor, fused: bool) -> torch.Tensor:
         batch, k = negatives.shape
         ctx.save_for_backward(memory, negatives)
-        if emb.device.type != "cpu":  # one gather and one product: the allocator caches, the launches count
+        ctx.fused = fused
+        if fused:
             rows = memory.index_select(0, negatives.reshape(-1)).view(batch, k, -1)
             return torch.bmm(rows.to(emb.dtype), emb.unsqueeze(2)).squeeze(2)
         scores = emb.new_empty(batch, k)
@@ -39,7 +50,7 @@ class _GatheredScores(torch.autograd.Function):
         memory, negatives = ctx.saved_tensors
         batch, k = negatives.shape
         grad = grad.contiguous()
-        if memory.dtype == grad.dtype or grad.device.type != "cpu":  # CUDA's embedding_bag sums in float32
+        if memory.dtype == grad.dtype or ctx.fused:  # CUDA's embedding_bag sums in float32
             offsets = torch.arange(0, batch * k, k, device=negatives.device)
             # weights in the bank's dtype: a float16 bank gets each row scaled to a largest |weight| of 1,
             # which keeps the small ones (about 1 / K each) out of float16's subnormal range
@@ -50,12 +61,12 @@ class _GatheredScores(torch.autograd.Function):
             grad_emb = F.embedding_bag(
                 negatives.reshape(-1), memory, offsets, mode="sum", per_sample_weights=weights.reshape(-1)
             ).to(grad.dtype)
-            return (grad_emb if scale is None else grad_emb * scale), None, None
+            return (grad_emb if scale is None else grad_emb * scale), None, None, None
         # a float16 bank on the CPU, whose embedding_bag would sum in float16: widen the rows piece by piece
         grad_emb = grad.new_zeros(batch, memory.shape[1])
         for b, start, rows in _pieces(memory, negatives, grad.dtype):
             grad_emb[b].addmv_(rows.T, grad[b, start : start + len(rows)])
-        return grad_emb, None, None
+        return grad_emb, None, None, None
 
 
 def _pieces(memory: torch.Tensor, negatives: torch.Tensor, dtype: torch.dtype):
@@ -75,16 +86,20 @@ def _pieces(memory: torch.Tensor, negatives: torch.Tensor, dtype: torch.dtype):
             yield b, start, rows
 
 
-def dense_scores(emb: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+def dense_scores(emb: torch.Tensor, memory: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
     """Scores (B, N) of float32 embeddings against every bank row; a float16 bank is widened for the product
-    on the CPU (no fast half matmul there) and multiplied in half precision, accumulating in float32, on a GPU."""
+    on the CPU (no fast half matmul there) and multiplied in half precision, accumulating in float32, on a GPU
+    (or wherever ``fused`` is true)."""
     if memory.dtype == emb.dtype:
         return emb @ memory.T
-    if emb.device.type == "cpu":
+    if not (fused_path(emb.device) if fused is None else fused):
         return emb @ memory.float().T
     return (emb.to(memory.dtype) @ memory.T).float()
 
 
-def gathered_scores(emb: torch.Tensor, memory: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-    """Scores (B, K) of embeddings ``emb`` (B, D) against their rows ``memory[negatives]`` (``negatives``: B x K)."""
-    return _GatheredScores.apply(emb, memory, negatives)
+def gathered_scores(
+    emb: torch.Tensor, memory: torch.Tensor, negatives: torch.Tensor, fused: bool | None = None
+) -> torch.Tensor:
+    """Scores (B, K) of embeddings ``emb`` (B, D) against their rows ``memory[negatives]`` (``negatives``: B x K);
+    ``fused`` names the path (default: :func:`fused_path` of the embeddings' device)."""
+    return _GatheredScores.apply(emb, memory, negatives, fused_path(emb.device) if fused is None else fused)

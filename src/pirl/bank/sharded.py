@@ -48,7 +48,8 @@ class ShardedMemoryBank(MemoryBank):
         if world is None:
             world = dist.get_world_size() if distributed() else 1
             rank = dist.get_rank() if distributed() else 0
-        assert rank is not None and 0 <= rank < world
+        if rank is None or not 0 <= rank < world:
+            raise ValueError(f"a sharded bank needs a rank in [0, {world}), got rank={rank}")
         self.rank, self.world = rank, world
         self.bounds = [r * num_samples // world for r in range(world + 1)]
         self.start, self.stop = self.bounds[rank], self.bounds[rank + 1]

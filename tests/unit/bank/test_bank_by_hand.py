@@ -241,3 +241,133 @@ def test_gathered_scores_in_several_pieces_are_the_dense_ones_with_their_gradien
     (got * weights).sum().backward()
     (want * weights).sum().backward()
     torch.testing.assert_close(emb.grad, ref.grad, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the GPU path, on the CPU
+
+
+def test_the_fused_path_is_every_device_but_the_cpu():
+    from pirl.bank.scoring import fused_path
+
+    assert fused_path(torch.device("cpu")) is False
+    assert fused_path(torch.device("cuda")) is True and fused_path(torch.device("mps")) is True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fused", [False, True])
+def test_both_scoring_paths_give_the_dense_scores_and_gradient(monkeypatch, fused, dtype):
+    """The GPU path (one gather and a batched product, a fused ``embedding_bag`` backward, half-precision dense
+    products) and the CPU path, each against float64 by hand; float16 products are good to about 1e-3."""
+    import pirl.bank.scoring as scoring
+
+    monkeypatch.setattr(scoring, "GATHER_PIECE", 3)
+    gen = torch.Generator().manual_seed(5)
+    memory = F.normalize(torch.randn(20, 8, generator=gen), dim=1).to(dtype)
+    emb = F.normalize(torch.randn(3, 8, generator=gen), dim=1).requires_grad_()
+    negatives = torch.randint(0, 20, (3, 7), generator=gen)
+    weights = torch.randn(3, 7, generator=gen)
+    rows = memory.double()
+    want = torch.einsum("bd,bkd->bk", emb.detach().double(), rows[negatives])
+    grad_want = torch.einsum("bk,bkd->bd", weights.double(), rows[negatives])
+    tol = 2e-3 if (fused and dtype == torch.float16) else 1e-5
+    got = scoring.gathered_scores(emb, memory, negatives, fused=fused)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)  # widened rows: exact products
+    (grad,) = torch.autograd.grad((got * weights).sum(), emb)
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(grad.double(), grad_want, rtol=0, atol=tol)
+    dense = scoring.dense_scores(emb.detach(), memory, fused=fused)
+    assert dense.dtype == torch.float32 and dense.shape == (3, 20)
+    torch.testing.assert_close(dense.double(), emb.detach().double() @ rows.T, rtol=0, atol=tol)
+    if fused and dtype == torch.float16:  # the product was taken in half precision, not on widened rows
+        assert not torch.equal(dense, emb.detach() @ memory.float().T)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_float16_banks_gradient_keeps_weights_of_about_one_over_k_on_both_paths(fused):
+    """Per-score gradients of 1e-6 are float16 subnormals: unscaled, the fused backward would lose most bits."""
+    gen = torch.Generator().manual_seed(8)
+    memory = F.normalize(torch.randn(200, 16, generator=gen), dim=1)
+    negatives = torch.randint(0, 200, (4, 50), generator=gen)
+    emb = F.normalize(torch.randn(4, 16, generator=gen), dim=1).requires_grad_()
+    weights = 1e-6 * torch.rand(4, 50, generator=gen)
+    (want,) = torch.autograd.grad((torch.gather(emb @ memory.half().float().T, 1, negatives) * weights).sum(), emb)
+    (got,) = torch.autograd.grad((gathered_scores(emb, memory.half(), negatives, fused=fused) * weights).sum(), emb)
+    assert (got - want).norm() / want.norm() < 5e-3
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def test_a_shard_has_the_replicated_banks_defaults_and_exact_bounds():
+    whole, shard = MemoryBank(30), ShardedMemoryBank(30, rank=0, world=1)
+    assert shard.dim == whole.dim == 128 and shard.momentum == whole.momentum
+    assert torch.equal(shard.memory, whole.memory)  # the same default seed
+    assert ShardedMemoryBank(10, 4, rank=2, world=3).bounds == [0, 3, 6, 10]
+    assert ShardedMemoryBank(10, 4, rank=2, world=3).memory.shape == (4, 4)
+
+
+@pytest.mark.parametrize(("rank", "world"), [(2, 2), (-1, 2), (None, 2)])
+def test_a_shard_refuses_a_rank_outside_its_world(rank, world):
+    with pytest.raises(ValueError, match="rank"):
+        ShardedMemoryBank(10, 4, rank=rank, world=world)
+
+
+def test_a_plan_counts_every_rank_and_keeps_row_major_order_within_an_owner():
+    shard = ShardedMemoryBank(30, 4, rank=0, world=3)  # ranks own rows 0:10, 10:20, 20:30
+    gen = torch.Generator().manual_seed(0)
+    positives = torch.randint(0, 10, (40,), generator=gen)
+    negatives = torch.randint(0, 20, (40, 100), generator=gen)  # nothing for rank 2
+    requests, order, counts = shard.plan(positives, negatives)
+    wanted = torch.cat([positives.unsqueeze(1), negatives], dim=1).flatten()
+    assert counts.tolist() == [int((wanted < 10).sum()), int((wanted >= 10).sum()), 0]
+    for owner, part in zip(range(3), torch.split(order, counts.tolist())):
+        assert torch.equal(part, torch.nonzero(shard.owner(wanted) == owner).flatten())  # ascending
+    assert torch.equal(requests, (order // 101) * 30 + wanted[order])
+
+
+def test_a_shard_loads_its_own_rows_and_its_rows_of_a_full_bank_when_rows_equal_the_width():
+    shard = ShardedMemoryBank(4, 4, rank=1, world=2)  # N = D: the full bank is 4 x 4, the shard 2 x 4
+    full = MemoryBank(4, 4, seed=9).memory
+    shard.load_state_dict({"memory": full})
+    assert torch.equal(shard.memory, full[2:])
+    own = F.normalize(torch.randn(2, 4), dim=1)
+    shard.load_state_dict({"memory": own})  # a shard-sized state dict is this shard's rows
+    assert torch.equal(shard.memory, own)
+
+
+def test_dense_scoring_is_taken_while_the_bank_has_at_most_dense_ratio_times_k_rows(monkeypatch):
+    """The rule both banks share (a speed choice; the scores are the same either way)."""
+    import pirl.bank.replicated as replicated
+    import pirl.bank.sharded as sharded
+
+    calls = []
+
+    def counting(module):
+        real = module.dense_scores
+
+        def dense(*args, **kwargs):
+            calls.append(module.__name__)
+            return real(*args, **kwargs)
+
+        return dense
+
+    monkeypatch.setattr(replicated, "dense_scores", counting(replicated))
+    monkeypatch.setattr(sharded, "dense_scores", counting(sharded))
+    bank = MemoryBank(60, 8, seed=1)
+    bank.dense_ratio = 5.0
+    emb = F.normalize(torch.randn(2, 8), dim=1)
+    pos = torch.tensor([3, 7])
+    for k, dense in [(12, True), (11, False)]:  # 60 <= 5 * 12, 60 > 5 * 11
+        calls.clear()
+        bank.score(emb, pos, bank.sample_negatives(pos, k, step=0, term=0))
+        assert calls == (["pirl.bank.replicated"] if dense else []), k
+    shard = ShardedMemoryBank(60, 8, seed=1, rank=0, world=2)
+    shard.dense_ratio = 5.0
+    asked = torch.tensor([0 * 60 + 3, 1 * 60 + 29, 1 * 60 + 0])  # (sample, row) requests for rows it owns
+    want = torch.stack([emb[0] @ shard.memory[3], emb[1] @ shard.memory[29], emb[1] @ shard.memory[0]])
+    for k, dense in [(12, True), (11, False)]:
+        calls.clear()
+        got = shard.answer(emb, asked, torch.tensor([3]), 2, k)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        assert calls == (["pirl.bank.sharded"] if dense else []), k
