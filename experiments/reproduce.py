@@ -317,21 +317,34 @@ def _pool_weight_decay(result: dict) -> float | None:
     return result.get("details", {}).get("per_stage", {}).get("pool", {}).get("weight_decay")
 
 
-# Fig. 4: the runs whose invariance to the jigsaw transform is measured, on the same seeded test images.
-INVARIANCE_RUNS = ("main-pirl-s0", "main-npid-s0", "main-jigsaw-s0")
+# Fig. 4: the methods whose invariance to the jigsaw transform is measured, on the same seeded test images; each
+# by its main run of the lowest seed whose export is still on disk (exports are not committed).
+INVARIANCE_METHODS = ("pirl", "npid", "jigsaw")
 INVARIANCE_IMAGES = 1000
+
+
+def invariance_runs(out: Path, seeds: tuple[int, ...] = (0, 1)) -> tuple[list[str], list[str]]:
+    """(run names to measure, one per method of INVARIANCE_METHODS; methods with no exported main run)."""
+    found, missing = [], []
+    for method in INVARIANCE_METHODS:
+        names = [f"main-{method}-s{seed}" for seed in seeds if (out / f"main-{method}-s{seed}" / "export").exists()]
+        if names:
+            found.append(names[0])
+        else:
+            missing.append(f"main-{method}-s*")
+    return found, missing
 
 
 def invariance(out: Path, eval_data: Path, results: dict, workers: int, images: int = INVARIANCE_IMAGES) -> None:
     """Distance histograms between I and I^t (paper Fig. 4), kept in ``results["invariance"]``.
 
     ``trunk``: the pooled trunk feature of the image against that of its jigsaw-shuffled copy, for every run in
-    INVARIANCE_RUNS and random init, so all methods are compared in the same space. ``heads``: f(I) against g(I^t)
-    for the PIRL run, the space of the paper's figure (NPID++ and Jigsaw have no g head).
+    :func:`invariance_runs` and random init, so all methods are compared in the same space. ``heads``: f(I)
+    against g(I^t) for the PIRL run, the space of the paper's figure (NPID++ and Jigsaw have no g head).
     """
-    missing = [n for n in INVARIANCE_RUNS if not (out / n / "export").exists()]
+    runs, missing = invariance_runs(out)
     if missing:
-        print(f"skip invariance: needs {', '.join(missing)} first", flush=True)
+        print(f"skip invariance: needs an export of {', '.join(missing)} first", flush=True)
         return
     common = [
         "--data",
@@ -344,11 +357,11 @@ def invariance(out: Path, eval_data: Path, results: dict, workers: int, images: 
         str(workers),
     ]
     figures: dict[str, dict] = {}
-    trunk_models = [arg for n in INVARIANCE_RUNS for arg in ("--model", str(out / n / "export"))]
-    spec_to_name = {str(out / n / "export"): n for n in INVARIANCE_RUNS}
+    trunk_models = [arg for n in runs for arg in ("--model", str(out / n / "export"))]
+    spec_to_name = {str(out / n / "export"): n for n in runs}
     for space, models, extra in (
         ("trunk", trunk_models, ["--random-init"]),
-        ("heads", ["--model", str(out / INVARIANCE_RUNS[0])], []),
+        ("heads", ["--model", str(out / runs[0])], []),
     ):
         dest = out / f"invariance-{space}"
         summary = pirl(
@@ -361,7 +374,7 @@ def invariance(out: Path, eval_data: Path, results: dict, workers: int, images: 
         figures[space] = {}
         for name, stats in per_model.items():
             label = spec_to_name.get(
-                name, "main-pirl-s0" if space == "heads" else "random" if name.startswith("random init") else name
+                name, runs[0] if space == "heads" else "random" if name.startswith("random init") else name
             )
             figures[space][label] = {k: stats[k] for k in ("mean", "std", "median", "n", "histogram")}
     results["invariance"] = {"images": images, "protocol": "pirl eval invariance (same seeded test images)", **figures}

@@ -102,7 +102,10 @@ def test_reproduce_invariance_keeps_histograms_of_each_model_in_the_results(tmp_
         "--invariance",
     ]
     skipped = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert skipped.returncode == 0 and "skip invariance: needs main-npid-s0, main-jigsaw-s0 first" in skipped.stdout
+    assert (
+        skipped.returncode == 0
+        and "skip invariance: needs an export of main-npid-s*, main-jigsaw-s* first" in skipped.stdout
+    )
     assert _reproduce(tmp_path, "main-npid-s0", "main-jigsaw-s0").returncode == 0
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -114,3 +117,21 @@ def test_reproduce_invariance_keeps_histograms_of_each_model_in_the_results(tmp_
         assert 0.0 <= stats["mean"] <= 2.0
     page = (tmp_path / "reproduction.html").read_text()
     assert "Invariance to the jigsaw transform (Fig. 4)" in page
+
+
+def test_invariance_measures_each_method_by_its_lowest_seed_with_an_export(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_script", SCRIPT)
+    reproduce = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = reproduce  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(reproduce)
+    finally:
+        del sys.modules[spec.name]
+    for name in ("main-pirl-s0", "main-pirl-s1", "main-npid-s1", "main-jigsaw-s0"):
+        (tmp_path / name / "export").mkdir(parents=True)
+    (tmp_path / "main-npid-s0").mkdir()  # a run folder with no export (an interrupted run)
+    assert reproduce.invariance_runs(tmp_path) == (["main-pirl-s0", "main-npid-s1", "main-jigsaw-s0"], [])
+    (tmp_path / "main-jigsaw-s0" / "export").rmdir()
+    assert reproduce.invariance_runs(tmp_path) == (["main-pirl-s0", "main-npid-s1"], ["main-jigsaw-s*"])
