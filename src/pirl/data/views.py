@@ -134,9 +134,9 @@ class JigsawView(_View):
 class PirlViews:
     """Everything one training sample needs, as a dict of tensors.
 
-    ``image`` (3, S, S) unless ``image=False``; with ``pretext``: "jigsaw" adds ``patches`` (9, 3, P, P) and ``order``;
-    "rotation" adds ``rotated`` (3, S, S), a second image view turned by ``rotation`` x 90 degrees;
-    "jigsaw_rotation" turns the image by ``rotation`` x 90 degrees before cutting the jigsaw.
+    ``image`` (3, S, S) unless ``image=False``; ``pretext`` (always named; None for the image alone): "jigsaw" adds
+    ``patches`` (9, 3, P, P) and ``order``; "rotation" adds ``rotated`` (3, S, S), a second image view turned by
+    ``rotation`` x 90 degrees; "jigsaw_rotation" turns the image by ``rotation`` x 90 degrees before cutting the jigsaw.
 
     ``permutations`` (|T|, 9), for the covariant Jigsaw task: the patches are shuffled by one row of it, drawn
     uniformly, instead of by any of the 9! orders, and its row index is added as ``permutation``. ``image=False``
@@ -146,7 +146,7 @@ class PirlViews:
     def __init__(
         self,
         cfg: DataConfig,
-        pretext: str | None = "jigsaw",
+        pretext: str | None,
         permutations: torch.Tensor | None = None,
         image: bool = True,
     ) -> None:

@@ -273,3 +273,58 @@ def test_transformed_bn_stats_true_is_the_paper_mix_of_both_passes(one_thread):
     after, image_only = _bn_buffers(method.encoder.trunk), _bn_buffers(reference)
     assert not torch.allclose(after["bn1.running_mean"], image_only["bn1.running_mean"])
     assert int(after["bn1.num_batches_tracked"]) == 2  # patches, then image
+
+
+# --------------------------------------------------------------------------- small contracts, by hand
+
+
+def test_covariant_jigsaw_views_are_the_shuffled_patches_alone():
+    from PIL import Image
+
+    method = Jigsaw(tiny_config("loss.method=jigsaw", "loss.permutations=30"), 8)
+    out = method.views()(Image.fromarray(np.full((40, 40, 3), 128, np.uint8)))
+    assert set(out) == {"patches", "order", "permutation"}  # no image view: the method never uses one
+    assert torch.equal(out["order"], method.permutations[int(out["permutation"])])
+
+
+def test_a_jigsaw_checkpoint_of_another_size_is_refused_with_both_counts():
+    state = Jigsaw(tiny_config("loss.method=jigsaw", "loss.permutations=30"), 8).state_dict()
+    other = Jigsaw(tiny_config("loss.method=jigsaw", "loss.permutations=20"), 8)
+    with pytest.raises(PirlError, match=r"has 30 permutations of 9 patches; this config has method.permutations=20, "):
+        other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_npid_builds_the_configured_image_head_and_logs_its_one_term(head, one_thread):
+    cfg = tiny_config("loss.method=npid", f"model.head={head}", "model.mlp_hidden=24", "model.embed_dim=16")
+    method = build_method(cfg, 8, random_source(8))
+    proj = method.encoder.heads["f"].proj
+    if head == "mlp":
+        assert [type(m) for m in proj] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+        assert proj[0].out_features == 24 and proj[2].out_features == 16
+    else:
+        assert isinstance(proj, torch.nn.Linear) and proj.out_features == 16
+    out = method.training_step(_real_batch(method), 0)
+    assert set(out.logs) == {"loss_image"} and float(out.logs["loss_image"]) == float(out.loss.detach())
+
+
+def test_supervised_takes_its_classes_from_the_labels_and_names_what_is_missing():
+    from types import SimpleNamespace
+
+    cfg = tiny_config("loss.method=supervised")
+
+    def source(labels, num_classes=0):
+        return SimpleNamespace(labels=labels, num_classes=num_classes, name="the source")
+
+    two = Supervised(cfg, 16, num_classes=2)  # two classes are enough
+    assert two.num_classes == 2 and two.num_samples == 16
+    with pytest.raises(PirlError, match="at least 2 classes; got 0$"):
+        Supervised(cfg, 16)  # no classes given
+    from_labels = Supervised.from_source(cfg, 12, source([0, 2, 1, 2]))  # a source that does not count them
+    assert from_labels.num_classes == 3 and from_labels.num_samples == 12
+    assert Supervised.from_source(cfg, 12, source([0, 1], num_classes=5)).num_classes == 5
+    for labels in (None, [], [-1, -1]):
+        with pytest.raises(PirlError, match=r"the source has no labels \(a folder needs one subfolder per class\)"):
+            Supervised.from_source(cfg, 12, source(labels))
+    with pytest.raises(PirlError, match="at least 2 classes; got 1"):  # labelled, but with one class
+        Supervised.from_source(cfg, 12, source([0, 0, 0]))
