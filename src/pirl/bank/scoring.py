@@ -60,7 +60,8 @@ class _GatheredScores(torch.autograd.Function):
                 weights = (grad / scale).to(memory.dtype)
             grad_emb = F.embedding_bag(
                 negatives.reshape(-1), memory, offsets, mode="sum", per_sample_weights=weights.reshape(-1)
-            ).to(grad.dtype)
+            )
+            # a float16 bank's sum comes back to float32 through the (float32) scale
             return (grad_emb if scale is None else grad_emb * scale), None, None, None
         # a float16 bank on the CPU, whose embedding_bag would sum in float16: widen the rows piece by piece
         grad_emb = grad.new_zeros(batch, memory.shape[1])

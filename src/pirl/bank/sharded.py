@@ -99,7 +99,7 @@ class ShardedMemoryBank(MemoryBank):
     ) -> torch.Tensor:
         """Owning side: the score of each asked (sample, row) request, ``counts[r]`` of them from rank r, whose
         samples are rows ``r * batch:(r + 1) * batch`` of the gathered embeddings ``all_emb``."""
-        asker = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+        asker = torch.repeat_interleave(counts)  # r, counts[r] times
         emb_rows, rows = asker * batch + asked // self.num_samples, asked % self.num_samples - self.start
         # Same rule as the replicated bank: the dense product costs B N D in total (W B x N / W per owner)
         # against about B (1 + K) D for the pairs, but avoids copying two (pairs x D) operands.
@@ -148,10 +148,10 @@ class ShardedMemoryBank(MemoryBank):
                 full[lo:hi] = part.cpu()
         return full
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:  # torch passes the rest by position
         # A checkpoint holds the full bank (any kind, any process count): keep this rank's rows of it.
         key = prefix + "memory"
         full = state_dict.get(key)
         if full is not None and full.shape[0] == self.num_samples != self.memory.shape[0]:
             state_dict = {**state_dict, key: full[self.start : self.stop]}
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, *args)

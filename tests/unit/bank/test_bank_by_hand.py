@@ -371,3 +371,47 @@ def test_dense_scoring_is_taken_while_the_bank_has_at_most_dense_ratio_times_k_r
         got = shard.answer(emb, asked, torch.tensor([3]), 2, k)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
         assert calls == (["pirl.bank.sharded"] if dense else []), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("fused", "gpu"), [(None, False), (None, True), (True, False), (False, True)])
+def test_the_scoring_path_is_the_one_named_or_else_the_devices(monkeypatch, fused, gpu, dtype):
+    """Which path runs, seen from the CPU pieces it walks: none on the fused path; on the other, the pieces in the
+    forward, and in the backward only for a float16 bank (a float32 one takes the one fused embedding_bag)."""
+    import pirl.bank.scoring as scoring
+
+    monkeypatch.setattr(scoring, "fused_path", lambda device: gpu)  # as if the embeddings were on a GPU
+    pieces = []
+    real = scoring._pieces
+
+    def counted(*args):
+        pieces.append(args[2])
+        yield from real(*args)
+
+    monkeypatch.setattr(scoring, "_pieces", counted)
+    gen = torch.Generator().manual_seed(2)
+    memory = F.normalize(torch.randn(20, 8, generator=gen), dim=1).to(dtype)
+    emb = F.normalize(torch.randn(3, 8, generator=gen), dim=1).requires_grad_()
+    negatives = torch.randint(0, 20, (3, 7), generator=gen)
+    takes_fused = gpu if fused is None else fused
+    scores = scoring.gathered_scores(emb, memory, negatives, fused=fused)
+    assert len(pieces) == (0 if takes_fused else 1)
+    scores.sum().backward()
+    assert len(pieces) == (0 if takes_fused else 1 if dtype == torch.float32 else 2)
+    dense = scoring.dense_scores(emb.detach(), memory, fused=fused)
+    widened = emb.detach() @ memory.float().T
+    assert torch.equal(dense, widened) == (dtype == torch.float32 or not takes_fused)
+
+
+def test_the_fused_float16_backward_scales_each_sample_by_its_own_largest_weight():
+    """A sample whose weights are all about 1e-6 next to one whose are about 1 keeps its gradient."""
+    gen = torch.Generator().manual_seed(4)
+    memory = F.normalize(torch.randn(200, 16, generator=gen), dim=1)
+    negatives = torch.randint(0, 200, (2, 50), generator=gen)
+    emb = F.normalize(torch.randn(2, 16, generator=gen), dim=1).requires_grad_()
+    weights = torch.rand(2, 50, generator=gen) * torch.tensor([[1.0], [1e-6]])
+    want = torch.einsum("bk,bkd->bd", weights, memory.half().float()[negatives])
+    (got,) = torch.autograd.grad((gathered_scores(emb, memory.half(), negatives, fused=True) * weights).sum(), emb)
+    assert got.dtype == torch.float32
+    for b in range(2):
+        assert (got[b] - want[b]).norm() / want[b].norm() < 5e-3, b
