@@ -412,18 +412,31 @@ def testbed_record(smoke: bool) -> dict:
     }
 
 
-def write_html(results: dict, path: Path) -> None:
+RESULTS = REPO / "docs/results/reproduction.json"
+MARKDOWN = REPO / "docs/reproduction.md"
+
+
+def write_html(results: dict, path: Path, markdown: Path | None = None) -> None:
+    """The offline page, and the main-run tables of the write-up (where it has their markers)."""
+    from study_report import update_markdown
     from study_report import write_html as write
 
     write(results, path)
+    if markdown is not None:
+        update_markdown(results, markdown)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="CIFAR-10 ImageFolder tree (train/, test/) or its .tar.gz")
     parser.add_argument("--out", default="runs/repro", help="folder for the runs (not committed)")
-    parser.add_argument("--results", default=str(REPO / "docs/results/reproduction.json"))
+    parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--html", default=str(REPO / "docs/results/reproduction.html"))
+    parser.add_argument(
+        "--markdown",
+        help="write-up whose main-run tables are rewritten between their markers (default: docs/reproduction.md "
+        "when --results is the default file, else none)",
+    )
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these plan entries")
     parser.add_argument("--study", nargs="+", help="run only these studies (testbed, main, lambda, ...)")
     parser.add_argument("--list", action="store_true", help="print the plan and what is done, then exit")
@@ -442,6 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     results_path = Path(args.results)
+    markdown = Path(args.markdown) if args.markdown else MARKDOWN if results_path.resolve() == RESULTS else None
     results = load_results(results_path)
     done = {r["name"] for r in results["runs"]}
     runs = plan()
@@ -450,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{'done' if r.name in done else '    '}  {r.name:32s} {r.study:10s} {r.method}")
         return
     if args.report:
-        write_html(results, Path(args.html))
+        write_html(results, Path(args.html), markdown)
         return
     if not args.data:
         parser.error("--data is required")
@@ -482,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.invariance:
         invariance(out, folders["eval"], results, workers, images=64 if args.smoke else INVARIANCE_IMAGES)
         save_results(results_path, results)
-        write_html(results, Path(args.html))
+        write_html(results, Path(args.html), markdown)
         return
     stage = "pool" if args.smoke else "all"
     for run in selected:
@@ -520,7 +534,7 @@ def main(argv: list[str] | None = None) -> None:
         save_results(results_path, results)
         print(json.dumps({k: row[k] for k in ("name", "knn_k20", "knn_k200", "linear", "linear_best")}), flush=True)
     save_results(results_path, results)
-    write_html(results, Path(args.html))
+    write_html(results, Path(args.html), markdown)
 
 
 if __name__ == "__main__":

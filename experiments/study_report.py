@@ -3,6 +3,7 @@
 Charts (matplotlib, embedded as PNG data URIs, so the page opens without a network): a bar chart per probe
 with the seed spread and random init as a reference line, the lambda curve, the negatives curve, per-layer
 curves, the testbed comparison, any invariance histograms the study saved, and a table of every run.
+:func:`update_markdown` writes the main-run tables of docs/reproduction.md between its ``main-table`` markers.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from collections import defaultdict
 from pathlib import Path
-from statistics import mean
+from statistics import mean, stdev
 
 import matplotlib
 
@@ -235,3 +237,73 @@ overrides of the cpu-quick preset: {html.escape(" ".join(testbed.get("overrides"
 """
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page)
+
+
+MARKDOWN_START = "<!-- main-table: written by experiments/study_report.py from docs/results/reproduction.json -->"
+MARKDOWN_END = "<!-- /main-table -->"
+
+
+def _f(v) -> str:
+    return "" if v is None else f"{v:.3f}"
+
+
+def _spread(values: list[float]) -> str:
+    """Mean, and the sample standard deviation when there are several seeds."""
+    if not values:
+        return ""
+    return f"{mean(values):.3f}" + (f" ± {stdev(values):.3f}" if len(values) > 1 else "")
+
+
+def markdown_tables(results: dict) -> str:
+    """The main and ``why`` runs one by one, the main methods averaged over seeds, and the per-layer probes."""
+    runs = [r for r in results.get("runs", []) if r["study"] in ("main", "why")]
+    lines = [
+        "| run | kNN k=20 | kNN k=200 | linear pool | best layer | images/s (load) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        ips = ""
+        if r.get("images_per_s"):
+            ips = f"{r['images_per_s']:.0f}" + (f" ({r['load_avg']:.1f})" if r.get("load_avg") else "")
+        best = f"{_f(r.get('linear_best'))} ({r.get('best_stage')})" if r.get("linear_best") is not None else ""
+        lines.append(
+            f"| `{r['name']}` | {_f(r.get('knn_k20'))} | {_f(r.get('knn_k200'))} | {_f(r.get('linear'))} "
+            f"| {best} | {ips} |"
+        )
+    by_method = _group([r for r in runs if r["study"] == "main"], lambda r: r["method"])
+    methods = [m for m in (*ORDER, "random") if m in by_method]
+    lines += [
+        "",
+        "Averaged over seeds (mean ± standard deviation of the seeds):",
+        "",
+        "| method | seeds | kNN k=20 | kNN k=200 | linear pool | best layer |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in methods:
+        rows = by_method[m]
+        cells = [_spread([r[k] for r in rows if r.get(k) is not None]) for k in ("knn_k20", "knn_k200", "linear")]
+        best = _spread([r["linear_best"] for r in rows if r.get("linear_best") is not None])
+        lines.append(f"| {m} | {len(rows)} | " + " | ".join(cells) + f" | {best} |")
+    lines += [
+        "",
+        "Linear probe per layer (the Fig. 5 view):",
+        "",
+        "| run | " + " | ".join(STAGES) + " |",
+        "|---" * (len(STAGES) + 1) + "|",
+    ]
+    for r in runs:
+        by = r.get("linear_by_stage") or {}
+        lines.append(f"| `{r['name']}` | " + " | ".join(_f(by.get(k)) for k in STAGES) + " |")
+    return "\n".join(lines)
+
+
+def update_markdown(results: dict, path: Path) -> bool:
+    """Replace the tables between the markers of ``path`` (False, changing nothing, where it has no markers)."""
+    if not path.is_file():
+        return False
+    text = path.read_text()
+    block = re.compile(re.escape(MARKDOWN_START) + ".*?" + re.escape(MARKDOWN_END), flags=re.S)
+    if not block.search(text):
+        return False
+    path.write_text(block.sub(lambda _: f"{MARKDOWN_START}\n{markdown_tables(results)}\n{MARKDOWN_END}", text))
+    return True

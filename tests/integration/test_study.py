@@ -12,6 +12,10 @@ from PIL import Image
 from helpers import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "experiments" / "reproduce.py"
+MARKERS = (
+    "<!-- main-table: written by experiments/study_report.py from docs/results/reproduction.json -->",
+    "<!-- /main-table -->",
+)
 CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
 
 
@@ -39,6 +43,8 @@ def _reproduce(tmp_path: Path, *names: str) -> subprocess.CompletedProcess:
         str(tmp_path / "reproduction.json"),
         "--html",
         str(tmp_path / "reproduction.html"),
+        "--markdown",
+        str(tmp_path / "reproduction.md"),
         "--smoke",
         "--eval-train-every",
         "1",
@@ -51,6 +57,7 @@ def _reproduce(tmp_path: Path, *names: str) -> subprocess.CompletedProcess:
 @pytest.mark.study
 def test_reproduce_smoke_appends_each_run_and_skips_it_next_time(tmp_path):
     _tiny_cifar(tmp_path / "cifar")
+    (tmp_path / "reproduction.md").write_text(f"# Study\n\n{MARKERS[0]}\nold\n{MARKERS[1]}\n\nThe claims.\n")
     # random init needs its model's export: asked first, it is skipped, and done once the run exists
     first = _reproduce(tmp_path, "main-random", "main-pirl-s0", "main-random")
     assert first.returncode == 0, first.stderr[-2000:]
@@ -67,6 +74,9 @@ def test_reproduce_smoke_appends_each_run_and_skips_it_next_time(tmp_path):
     assert results["testbed"]["smoke"] is True and results["testbed"]["epochs"] == 10
     page = (tmp_path / "reproduction.html").read_text()
     assert "main-pirl-s0" in page and "data:image/png;base64," in page
+    md = (tmp_path / "reproduction.md").read_text()  # the write-up's tables, between their markers only
+    assert md.startswith("# Study\n\n") and md.endswith(f"{MARKERS[1]}\n\nThe claims.\n") and "old" not in md
+    assert f"| `main-pirl-s0` | {pirl['knn_k20']:.3f} | {pirl['knn_k200']:.3f} | {pirl['linear']:.3f} |" in md
     # a second call finds both runs done: nothing is trained or evaluated again
     again = _reproduce(tmp_path, "main-pirl-s0", "main-random")
     assert again.returncode == 0, again.stderr[-2000:]
@@ -135,3 +145,38 @@ def test_invariance_measures_each_method_by_its_lowest_seed_with_an_export(tmp_p
     assert reproduce.invariance_runs(tmp_path) == (["main-pirl-s0", "main-npid-s1", "main-jigsaw-s0"], [])
     (tmp_path / "main-jigsaw-s0" / "export").rmdir()
     assert reproduce.invariance_runs(tmp_path) == (["main-pirl-s0", "main-npid-s1"], ["main-jigsaw-s*"])
+
+
+def test_the_write_ups_tables_average_the_seeds_of_each_method(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "experiments"))
+    import study_report
+
+    assert (study_report.MARKDOWN_START, study_report.MARKDOWN_END) == MARKERS
+
+    def run(name, method, seed, knn, linear, study="main"):
+        by_stage = {"conv1": 0.5, "res2": 0.55, "res3": 0.52, "res4": 0.5, "res5": 0.45, "pool": linear}
+        return {
+            "name": name, "study": study, "method": method, "seed": seed, "knn_k20": knn + 0.01, "knn_k200": knn,
+            "linear": linear, "linear_best": 0.55, "best_stage": "res2", "linear_by_stage": by_stage,
+            "images_per_s": 58.0, "load_avg": 2.1,
+        }  # fmt: skip
+
+    results = {
+        "runs": [
+            run("main-pirl-s0", "pirl", 0, 0.40, 0.50),
+            run("main-pirl-s1", "pirl", 1, 0.44, 0.54),
+            run("main-npid-s0", "npid", 0, 0.45, 0.51),
+            run("why-bn-s0", "pirl", 0, 0.47, 0.53, study="why"),
+            run("lambda-1.0-s0", "pirl", 0, 0.30, 0.30, study="lambda"),
+        ]
+    }
+    tables = study_report.markdown_tables(results)
+    assert "| `main-pirl-s0` | 0.410 | 0.400 | 0.500 | 0.550 (res2) | 58 (2.1) |" in tables
+    assert "`why-bn-s0`" in tables and "lambda-1.0" not in tables  # the main and why runs only
+    assert "| pirl | 2 | 0.430 ± 0.028 | 0.420 ± 0.028 | 0.520 ± 0.028 | 0.550 ± 0.000 |" in tables  # not why-bn
+    assert "| npid | 1 | 0.460 | 0.450 | 0.510 | 0.550 |" in tables
+    assert "| `main-npid-s0` | 0.500 | 0.550 | 0.520 | 0.500 | 0.450 | 0.510 |" in tables
+    doc = tmp_path / "write-up.md"
+    assert not study_report.update_markdown(results, doc)  # no file
+    doc.write_text("no markers\n")
+    assert not study_report.update_markdown(results, doc) and doc.read_text() == "no markers\n"
