@@ -125,7 +125,11 @@ def plan() -> list[Run]:
         for k in (256, 1024, 4096, 10000)
     ]
     # Why PIRL may trail NPID++: candidate causes, each one run against main-pirl-s0 / main-npid-s0.
-    runs.append(Run("why-bn-image-stats-s0", "why", "pirl", overrides=["method.transformed_bn_stats=false"]))
+    # (the BN-statistics lead of seed 0 gets a second seed, to be read against main-pirl-s1)
+    for seed in (0, 1):
+        runs.append(
+            Run(f"why-bn-image-stats-s{seed}", "why", "pirl", seed, overrides=["method.transformed_bn_stats=false"])
+        )
     runs.append(Run("why-no-head-bn-pirl-s0", "why", "pirl", overrides=["model.head_bn=false"]))
     runs.append(Run("why-no-head-bn-npid-s0", "why", "npid", overrides=["model.head_bn=false"]))
     runs += [Run(f"transfer-{m}", "transfer", m, data="transfer") for m in ("pirl", "npid")]
