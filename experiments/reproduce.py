@@ -5,6 +5,7 @@ method), exports the trunk with ``pirl export`` and is measured with the same co
 
     pirl eval knn    --model EXPORT --data EVAL/train --val-data EVAL/test
     pirl eval linear --model EXPORT --data EVAL/train --val-data EVAL/test --stage all
+    pirl eval invariance --model EXPORT --space trunk ...   (and --model RUN --space heads for PIRL runs)
 
 EVAL/train holds every ``--eval-train-every``-th CIFAR-10 training image of each class (symlinks) and EVAL/test
 all 10,000 test images. No evaluation setting depends on the method.
@@ -321,67 +322,58 @@ def _pool_weight_decay(result: dict) -> float | None:
     return result.get("details", {}).get("per_stage", {}).get("pool", {}).get("weight_decay")
 
 
-# Fig. 4: the methods whose invariance to the jigsaw transform is measured, on the same seeded test images; each
-# by its main run of the lowest seed whose export is still on disk (exports are not committed).
-INVARIANCE_METHODS = ("pirl", "npid", "jigsaw")
+# Fig. 4: every run's invariance to the jigsaw transform is measured as part of its evaluation, on the same seeded
+# test images, and kept in its row: exports are not committed, so the figure must not need them later.
 INVARIANCE_IMAGES = 1000
+HEAD_METHODS = ("pirl", "pirl_rotation", "pirl_jigsaw_rotation")  # runs with a g head to compare f(I) against
+INVARIANCE_STATS = ("mean", "std", "median", "n", "histogram")
 
 
-def invariance_runs(out: Path, seeds: tuple[int, ...] = (0, 1)) -> tuple[list[str], list[str]]:
-    """(run names to measure, one per method of INVARIANCE_METHODS; methods with no exported main run)."""
-    found, missing = [], []
-    for method in INVARIANCE_METHODS:
-        names = [f"main-{method}-s{seed}" for seed in seeds if (out / f"main-{method}-s{seed}" / "export").exists()]
-        if names:
-            found.append(names[0])
-        else:
-            missing.append(f"main-{method}-s*")
-    return found, missing
+def measure_invariance(
+    run: Run, run_dir: Path, model: Path, eval_data: Path, workers: int, images: int = INVARIANCE_IMAGES
+) -> dict:
+    """``{"trunk": stats, "heads": stats}`` of one run (paper Fig. 4).
 
-
-def invariance(out: Path, eval_data: Path, results: dict, workers: int, images: int = INVARIANCE_IMAGES) -> None:
-    """Distance histograms between I and I^t (paper Fig. 4), kept in ``results["invariance"]``.
-
-    ``trunk``: the pooled trunk feature of the image against that of its jigsaw-shuffled copy, for every run in
-    :func:`invariance_runs` and random init, so all methods are compared in the same space. ``heads``: f(I)
-    against g(I^t) for the PIRL run, the space of the paper's figure (NPID++ and Jigsaw have no g head).
+    ``trunk``: the pooled trunk feature of the image against that of its jigsaw-shuffled copy, the space where all
+    methods (and random init, with the architecture of ``model``) can be compared. ``heads``, for runs with a g
+    head only: f(I) against g(I^t), the space of the paper's figure.
     """
-    runs, missing = invariance_runs(out)
-    if missing:
-        print(f"skip invariance: needs an export of {', '.join(missing)} first", flush=True)
-        return
-    common = [
-        "--data",
-        str(eval_data / "train"),
-        "--val-data",
-        str(eval_data / "test"),
-        "--images",
-        str(images),
-        "--workers",
-        str(workers),
-    ]
-    figures: dict[str, dict] = {}
-    trunk_models = [arg for n in runs for arg in ("--model", str(out / n / "export"))]
-    spec_to_name = {str(out / n / "export"): n for n in runs}
-    for space, models, extra in (
-        ("trunk", trunk_models, ["--random-init"]),
-        ("heads", ["--model", str(out / runs[0])], []),
-    ):
-        dest = out / f"invariance-{space}"
+    common = ["--data", str(eval_data / "train"), "--val-data", str(eval_data / "test")]
+    common += ["--images", str(images), "--workers", str(workers)]
+    random_init = run.method == "random"
+    spaces = [("trunk", ["--model", str(model), *(["--random-init"] if random_init else [])])]
+    if run.method in HEAD_METHODS:
+        spaces.append(("heads", ["--model", str(run_dir)]))
+    found: dict[str, dict] = {}
+    for space, models in spaces:
+        dest = run_dir / "eval" / f"invariance-{space}"
         summary = pirl(
-            ["eval", "invariance", *models, *extra, "--space", space, "--out", str(dest), *common],
-            dest / "invariance.log",
+            ["eval", "invariance", *models, "--space", space, "--out", str(dest), *common], dest / "invariance.log"
         )
         written = sorted(dest.glob("invariance*.json"))
         full = json.loads(written[0].read_text()) if written else summary
-        per_model = full.get("details", {}).get("per_model") or {}
-        figures[space] = {}
-        for name, stats in per_model.items():
-            label = spec_to_name.get(
-                name, runs[0] if space == "heads" else "random" if name.startswith("random init") else name
-            )
-            figures[space][label] = {k: stats[k] for k in ("mean", "std", "median", "n", "histogram")}
-    results["invariance"] = {"images": images, "protocol": "pirl eval invariance (same seeded test images)", **figures}
+        per_model = full["details"]["per_model"]
+        # random init is the subject added after the model whose architecture it borrows
+        name = [n for n in per_model if n.startswith("random init")][0] if random_init else next(iter(per_model))
+        found[space] = {k: per_model[name][k] for k in INVARIANCE_STATS}
+    return found
+
+
+def fill_invariance(out: Path, folders: dict[str, Path], results: dict, path: Path, workers: int, images: int) -> None:
+    """Measure the invariance of finished runs whose rows lack it (rows written before it was part of the
+    evaluation), where the export it needs is still on disk; each row is saved to ``path`` as it is filled."""
+    by_name = {r.name: r for r in plan()}
+    for row in results["runs"]:
+        run = by_name.get(row["name"])
+        if run is None or "invariance" in row:
+            continue
+        model = out / (run.like if run.method == "random" else run.name) / "export"
+        if not model.exists():
+            print(f"skip invariance of {run.name}: its export {model} is gone", flush=True)
+            continue
+        eval_data = folders["transfer-eval" if run.data == "transfer" else "eval"]
+        row["invariance"] = measure_invariance(run, out / run.name, model, eval_data, workers, images)
+        save_results(path, results)
 
 
 def load_results(path: Path) -> dict:
@@ -450,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--invariance",
         action="store_true",
-        help="only measure the invariance histograms (Fig. 4) of the finished main runs",
+        help="only measure the invariance (Fig. 4) of finished runs whose rows lack it, from exports on disk",
     )
     parser.add_argument(
         "--smoke",
@@ -497,8 +489,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     results["testbed"] = testbed_record(args.smoke)
     workers = 0 if args.smoke else args.workers
+    invariance_images = 64 if args.smoke else INVARIANCE_IMAGES
     if args.invariance:
-        invariance(out, folders["eval"], results, workers, images=64 if args.smoke else INVARIANCE_IMAGES)
+        fill_invariance(out, folders, results, results_path, workers, invariance_images)
         save_results(results_path, results)
         write_html(results, Path(args.html), markdown)
         return
@@ -519,9 +512,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             train_data = folders["transfer-pretrain"] if run.data == "transfer" else root
             row = train(run, run_dir, train_data, extra)
-            row |= evaluate(
-                run_dir / "export", eval_data, run_dir / "eval", random_init=False, workers=workers, stage=stage
-            )
+            model = run_dir / "export"
+            row |= evaluate(model, eval_data, run_dir / "eval", random_init=False, workers=workers, stage=stage)
+        row["invariance"] = measure_invariance(run, run_dir, model, eval_data, workers, invariance_images)
         row = {
             "name": run.name,
             "study": run.study,

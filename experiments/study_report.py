@@ -2,7 +2,8 @@
 
 Charts (matplotlib, embedded as PNG data URIs, so the page opens without a network): a bar chart per probe
 with the seed spread and random init as a reference line, the lambda curve, the negatives curve, per-layer
-curves, the testbed comparison, any invariance histograms the study saved, and a table of every run.
+curves, the testbed comparison, the invariance histograms (from each run's own measurement), and a table of
+every run.
 :func:`update_markdown` writes the main-run tables of docs/reproduction.md between its ``main-table`` markers.
 """
 
@@ -139,15 +140,37 @@ def layer_curves(runs: list[dict]) -> str:
     return _png(fig)
 
 
+# Fig. 4 compares these methods, each by its main run of the lowest seed that has its invariance measured
+INVARIANCE_METHODS = ("pirl", "npid", "jigsaw")
+
+
+def invariance_figure(results: dict) -> dict[str, dict[str, dict]]:
+    """``{"trunk": {run: stats}, "heads": {run: stats}}`` for Fig. 4, from the rows' own measurements: the main run
+    of the lowest seed of each of INVARIANCE_METHODS, and random init in the trunk space."""
+    main = [r for r in results.get("runs", []) if r["study"] == "main" and r.get("invariance")]
+    chosen = [
+        min(rows, key=lambda r: r["seed"])
+        for m in INVARIANCE_METHODS
+        if (rows := [r for r in main if r["method"] == m])
+    ]
+    chosen += [r for r in main if r["method"] == "random"][:1]
+    figure: dict[str, dict[str, dict]] = {"trunk": {}, "heads": {}}
+    for r in chosen:
+        for space, stats in r["invariance"].items():
+            figure[space]["random" if r["method"] == "random" else r["name"]] = stats
+    return {space: by_run for space, by_run in figure.items() if by_run}
+
+
 def invariance_histograms(results: dict) -> str:
     """Fig. 4: one panel per representation space, one histogram per model."""
-    spaces = [s for s in ("trunk", "heads") if results.get("invariance", {}).get(s)]
+    figure = invariance_figure(results)
+    spaces = [s for s in ("trunk", "heads") if s in figure]
     if not spaces:
         return ""
     fig, axes = plt.subplots(1, len(spaces), figsize=(6 * len(spaces), 3.6), squeeze=False)
     titles = {"trunk": "pooled trunk: image vs jigsaw-shuffled image", "heads": "heads: f(I) vs g(I^t)"}
     for ax, space in zip(axes[0], spaces):
-        for name, s in results["invariance"][space].items():
+        for name, s in figure[space].items():
             counts, edges = s["histogram"]["counts"], s["histogram"]["bin_edges"]
             total = max(sum(counts), 1)
             ax.stairs([c / total for c in counts], edges, lw=1.6, label=f"{name}: {s['mean']:.3f}")
@@ -294,6 +317,21 @@ def markdown_tables(results: dict) -> str:
     for r in runs:
         by = r.get("linear_by_stage") or {}
         lines.append(f"| `{r['name']}` | " + " | ".join(_f(by.get(k)) for k in STAGES) + " |")
+    measured = [r for r in runs if r.get("invariance")]
+    if measured:
+        lines += [
+            "",
+            "Invariance to the jigsaw transform (the Fig. 4 view): l2 distance between unit-norm representations of "
+            "an image and its transformed copy, mean ± standard deviation over the same test images "
+            "(lower is more invariant):",
+            "",
+            "| run | pooled trunk | f(I) vs g(I^t) |",
+            "|---|---|---|",
+        ]
+        for r in measured:
+            cells = [r["invariance"].get(space) for space in ("trunk", "heads")]
+            text = [f"{c['mean']:.3f} ± {c['std']:.3f}" if c else "" for c in cells]
+            lines.append(f"| `{r['name']}` | {text[0]} | {text[1]} |")
     return "\n".join(lines)
 
 

@@ -71,6 +71,12 @@ def test_reproduce_smoke_appends_each_run_and_skips_it_next_time(tmp_path):
     for key in ("knn_k20", "knn_k200", "linear", "linear_best"):
         assert 0.0 <= pirl[key] <= 1.0 and 0.0 <= rows["main-random"][key] <= 1.0
     assert Path(pirl["export"], "model.safetensors").is_file()
+    # each run's invariance (Fig. 4) is part of its evaluation: the trunk space for all, the heads for PIRL
+    assert set(pirl["invariance"]) == {"trunk", "heads"} and set(rows["main-random"]["invariance"]) == {"trunk"}
+    for stats in [*pirl["invariance"].values(), rows["main-random"]["invariance"]["trunk"]]:
+        assert stats["n"] == 20 and sum(stats["histogram"]["counts"]) == 20  # the 20 tiny test images
+        assert 0.0 < stats["mean"] <= 2.0
+    assert pirl["invariance"]["trunk"] != rows["main-random"]["invariance"]["trunk"]
     assert results["testbed"]["smoke"] is True and results["testbed"]["epochs"] == 10
     page = (tmp_path / "reproduction.html").read_text()
     assert "main-pirl-s0" in page and "data:image/png;base64," in page
@@ -91,10 +97,12 @@ def test_reproduce_refuses_an_unknown_run_name(tmp_path):
 
 
 @pytest.mark.study
-def test_reproduce_invariance_keeps_histograms_of_each_model_in_the_results(tmp_path):
+def test_reproduce_invariance_fills_rows_that_lack_it_from_exports_on_disk(tmp_path):
     _tiny_cifar(tmp_path / "cifar")
-    early = _reproduce(tmp_path, "main-pirl-s0")
-    assert early.returncode == 0, early.stderr[-2000:]
+    assert _reproduce(tmp_path, "main-npid-s0").returncode == 0
+    results_path = tmp_path / "reproduction.json"
+    measured = json.loads(results_path.read_text())
+    assert set(measured["runs"][0]["invariance"]) == {"trunk"}  # NPID++ has no g head
     cmd = [
         sys.executable,
         str(SCRIPT),
@@ -103,7 +111,7 @@ def test_reproduce_invariance_keeps_histograms_of_each_model_in_the_results(tmp_
         "--out",
         str(tmp_path / "runs"),
         "--results",
-        str(tmp_path / "reproduction.json"),
+        str(results_path),
         "--html",
         str(tmp_path / "reproduction.html"),
         "--smoke",
@@ -111,40 +119,56 @@ def test_reproduce_invariance_keeps_histograms_of_each_model_in_the_results(tmp_
         "1",
         "--invariance",
     ]
-    skipped = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert (
-        skipped.returncode == 0
-        and "skip invariance: needs an export of main-npid-s*, main-jigsaw-s* first" in skipped.stdout
-    )
-    assert _reproduce(tmp_path, "main-npid-s0", "main-jigsaw-s0").returncode == 0
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    inv = json.loads((tmp_path / "reproduction.json").read_text())["invariance"]
-    assert set(inv["trunk"]) == {"main-pirl-s0", "main-npid-s0", "main-jigsaw-s0", "random"}
-    assert set(inv["heads"]) == {"main-pirl-s0"}
-    for stats in [*inv["trunk"].values(), *inv["heads"].values()]:
-        assert stats["n"] == 20 and sum(stats["histogram"]["counts"]) == 20  # the 20 tiny test images
-        assert 0.0 <= stats["mean"] <= 2.0
-    page = (tmp_path / "reproduction.html").read_text()
-    assert "Invariance to the jigsaw transform (Fig. 4)" in page
+
+    def strip_and_fill() -> tuple[subprocess.CompletedProcess, dict]:
+        stripped = json.loads(results_path.read_text())
+        del stripped["runs"][0]["invariance"]  # a row written before invariance was part of the evaluation
+        results_path.write_text(json.dumps(stripped))
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done, json.loads(results_path.read_text())
+
+    _, filled = strip_and_fill()
+    assert filled["runs"] == measured["runs"]  # the same seeded images and model: the same figures
+    assert "Invariance to the jigsaw transform (Fig. 4)" in (tmp_path / "reproduction.html").read_text()
+    export = tmp_path / "runs" / "main-npid-s0" / "export"
+    export.rename(export.with_name("moved"))
+    skipped, left = strip_and_fill()
+    assert f"skip invariance of main-npid-s0: its export {export} is gone" in skipped.stdout
+    assert "invariance" not in left["runs"][0] and "+ pirl" not in skipped.stdout
 
 
-def test_invariance_measures_each_method_by_its_lowest_seed_with_an_export(tmp_path):
-    import importlib.util
+def test_the_invariance_figure_takes_each_method_by_its_lowest_measured_seed(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "experiments"))
+    import study_report
 
-    spec = importlib.util.spec_from_file_location("reproduce_script", SCRIPT)
-    reproduce = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = reproduce  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(reproduce)
-    finally:
-        del sys.modules[spec.name]
-    for name in ("main-pirl-s0", "main-pirl-s1", "main-npid-s1", "main-jigsaw-s0"):
-        (tmp_path / name / "export").mkdir(parents=True)
-    (tmp_path / "main-npid-s0").mkdir()  # a run folder with no export (an interrupted run)
-    assert reproduce.invariance_runs(tmp_path) == (["main-pirl-s0", "main-npid-s1", "main-jigsaw-s0"], [])
-    (tmp_path / "main-jigsaw-s0" / "export").rmdir()
-    assert reproduce.invariance_runs(tmp_path) == (["main-pirl-s0", "main-npid-s1"], ["main-jigsaw-s*"])
+    def stats(mean):
+        return {"mean": mean, "std": 0.1, "median": mean, "n": 4, "histogram": {"counts": [4], "bin_edges": [0, 2]}}
+
+    def run(name, method, seed, mean, heads=None, study="main"):
+        inv = {"trunk": stats(mean)} | ({"heads": stats(heads)} if heads is not None else {})
+        return {"name": name, "study": study, "method": method, "seed": seed, "invariance": inv}
+
+    runs = [
+        run("main-pirl-s1", "pirl", 1, 0.5, heads=0.3),
+        run("main-pirl-s0", "pirl", 0, 0.4, heads=0.2),
+        run("main-npid-s1", "npid", 1, 0.9),
+        {"name": "main-npid-s0", "study": "main", "method": "npid", "seed": 0},  # measured before: no invariance
+        run("main-rotation-s0", "rotation", 0, 1.1),  # not a method of the figure
+        run("why-bn-image-stats-s0", "pirl", 0, 0.1, heads=0.1, study="why"),  # not a main run
+        run("main-random", "random", 0, 1.3),
+    ]
+    figure = study_report.invariance_figure({"runs": runs})
+    assert {k: v["mean"] for k, v in figure["trunk"].items()} == {
+        "main-pirl-s0": 0.4,
+        "main-npid-s1": 0.9,
+        "random": 1.3,
+    }
+    assert {k: v["mean"] for k, v in figure["heads"].items()} == {"main-pirl-s0": 0.2}
+    assert study_report.invariance_figure({"runs": runs[2:4]}) == {"trunk": {"main-npid-s1": stats(0.9)}}
+    table = study_report.markdown_tables({"runs": runs})
+    assert "| `main-pirl-s0` | 0.400 ± 0.100 | 0.200 ± 0.100 |" in table
+    assert "| `main-npid-s1` | 0.900 ± 0.100 |  |" in table and "| `main-npid-s0` | 0.9" not in table
 
 
 def test_the_write_ups_tables_average_the_seeds_of_each_method(tmp_path, monkeypatch):
