@@ -128,14 +128,22 @@ def test_reproduce_invariance_fills_rows_that_lack_it_from_exports_on_disk(tmp_p
         assert done.returncode == 0, done.stderr[-2000:]
         return done, json.loads(results_path.read_text())
 
+    # a random-init row whose own model (main-pirl-s0) was never exported here borrows another run's architecture
+    with_random = json.loads(results_path.read_text())
+    with_random["runs"].append({"name": "main-random", "study": "main", "method": "random", "seed": 0})
+    results_path.write_text(json.dumps(with_random))
     _, filled = strip_and_fill()
-    assert filled["runs"] == measured["runs"]  # the same seeded images and model: the same figures
+    assert filled["runs"][0] == measured["runs"][0]  # the same seeded images and model: the same figures
+    random_trunk = filled["runs"][1]["invariance"]["trunk"]
+    assert set(filled["runs"][1]["invariance"]) == {"trunk"} and random_trunk["n"] == 20
+    assert random_trunk != measured["runs"][0]["invariance"]["trunk"]
     assert "Invariance to the jigsaw transform (Fig. 4)" in (tmp_path / "reproduction.html").read_text()
     export = tmp_path / "runs" / "main-npid-s0" / "export"
     export.rename(export.with_name("moved"))
     skipped, left = strip_and_fill()
     assert f"skip invariance of main-npid-s0: its export {export} is gone" in skipped.stdout
     assert "invariance" not in left["runs"][0] and "+ pirl" not in skipped.stdout
+    assert left["runs"][1]["invariance"] == random_trunk and len(left["runs"]) == 2  # kept: it had its figures
 
 
 def test_the_invariance_figure_takes_each_method_by_its_lowest_measured_seed(monkeypatch):

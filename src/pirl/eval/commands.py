@@ -349,6 +349,7 @@ def _invariance(run: _Run) -> dict[str, Any]:
             batch_size=o["batch_size"],
             workers=o["workers"],
             device=dev,
+            bn_stats=o["bn_stats"],
         ),
     }
     if run.out_dir:

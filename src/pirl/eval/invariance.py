@@ -14,6 +14,8 @@ Two representation spaces:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -189,6 +191,21 @@ def load_subject(spec: str, space: str = "auto", *, random_init: bool = False, s
     return Subject(name, "trunk", model.trunk.eval(), None, "jigsaw", model.input_size, model.mean, model.std)
 
 
+BN_STATS = ("running", "batch")
+
+
+def _with_batch_statistics(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose BatchNorm layers normalise with each batch's own statistics and leave the
+    running ones alone (the original is untouched)."""
+    module = copy.deepcopy(module).eval()
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+            m.track_running_stats = False  # use the batch's statistics; update nothing
+            m.running_mean = m.running_var = None
+    return module
+
+
 def distances(
     subject: Subject,
     source: Any,
@@ -198,12 +215,29 @@ def distances(
     batch_size: int = 256,
     workers: int = 0,
     device: str | torch.device | None = None,
+    bn_stats: str = "running",
 ) -> torch.Tensor:
-    """Distances (CPU float32) between the unit-norm representations of each image and its transformed version."""
+    """Distances (CPU float32) between the unit-norm representations of each image and its transformed version.
+
+    ``bn_stats="running"`` measures the model as it is used (eval mode). ``"batch"`` normalises every pass with
+    its own batch's statistics, as training does: for PIRL the image pass and the patch pass then each see
+    their own statistics, where in eval mode both share one set of running statistics."""
+    if bn_stats not in BN_STATS:
+        raise PirlError(f"unknown bn_stats {bn_stats!r}; choose one of {', '.join(BN_STATS)}")
     dev = torch.device(device) if device is not None else default_device()
+    if bn_stats == "batch":
+        if len(indices) % batch_size == 1:  # a last batch of one image has no batch statistics
+            batch_size += 1
+        subject = dataclasses.replace(
+            subject,
+            trunk=_with_batch_statistics(subject.trunk),
+            heads=_with_batch_statistics(subject.heads) if subject.heads is not None else None,
+        )
     modules = [m for m in (subject.trunk, subject.heads) if m is not None]
     for m in modules:
-        m.to(dev).eval()
+        m.to(dev)
+        if bn_stats == "running":
+            m.eval()
 
     def pair_distances(pair: list[torch.Tensor], _labels: torch.Tensor) -> torch.Tensor:
         return unit_distances(*subject.embed(*pair)).cpu()
@@ -257,8 +291,10 @@ def invariance(
     batch_size: int = 256,
     workers: int = 0,
     device: str | torch.device | None = None,
+    bn_stats: str = "running",
 ) -> dict[str, Any]:
-    """Distance statistics of every subject on the same seeded ``images`` images of ``source``."""
+    """Distance statistics of every subject on the same seeded ``images`` images of ``source`` (``bn_stats``: see
+    :func:`distances`)."""
     t0 = time.perf_counter()
     if images < 1 or len(source) == 0:
         raise PirlError("invariance needs at least one image")
@@ -269,10 +305,13 @@ def invariance(
     for s in subjects:
         names[s.name] = names.get(s.name, 0) + 1
         name = s.name if names[s.name] == 1 else f"{s.name} #{names[s.name]}"
-        d = distances(s, source, indices, seed=seed, batch_size=batch_size, workers=workers, device=device)
+        d = distances(
+            s, source, indices, seed=seed, batch_size=batch_size, workers=workers, device=device, bn_stats=bn_stats
+        )
         stats[name] = {"space": s.space, "representation": s.representation(), **summarise(d)}
     return {
         "images": len(indices),
+        "bn_stats": bn_stats,
         "mean_distance": {k: v["mean"] for k, v in stats.items()},
         "per_model": {
             k: {f: v[f] for f in ("space", "representation", "mean", "std", "median", "n")} for k, v in stats.items()

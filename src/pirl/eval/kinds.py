@@ -148,6 +148,13 @@ KINDS: dict[str, Kind] = {
                     "f/g heads (runs with a g head) or pooled trunk features",
                     choices=("auto", "heads", "trunk"),
                 ),
+                Option(
+                    "bn_stats",
+                    "running",
+                    "BatchNorm statistics: the running ones (eval mode, as the model is used) or each pass's own "
+                    "batch statistics (as in training, where the image and its patches are separate passes)",
+                    choices=("running", "batch"),
+                ),
             ),
             several_models=True,
         ),

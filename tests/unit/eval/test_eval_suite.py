@@ -234,6 +234,46 @@ def test_invariance_zero_for_a_model_that_sees_identical_inputs(tiny) -> None:
     assert (inv.distances(sensitive, source, idx, device="cpu") > 0.1).all()
 
 
+class _TopLeftColour(nn.Module):
+    """The mean colour of the top-left 5x5 pixels: it changes when the cells are shuffled."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., :5, :5].mean(dim=(2, 3))
+
+
+def _pooled_bn() -> nn.Module:
+    """That colour through a BatchNorm whose running statistics are far from any batch's."""
+    bn = nn.BatchNorm1d(3)
+    bn.running_mean.fill_(5.0)
+    bn.running_var.fill_(4.0)
+    return nn.Sequential(_TopLeftColour(), bn)
+
+
+def test_invariance_with_batch_statistics_normalises_each_pass_by_its_own_batch(tiny) -> None:
+    source = open_source(str(tiny["data"]))
+    idx = list(range(len(source)))
+    trunk = _pooled_bn()
+    subject = inv.Subject("bn", "trunk", trunk, None, "jigsaw", 15, MEAN, STD)
+    pairs = inv._Pairs(source, idx, subject, 0)
+    a, b = (torch.stack([pairs[i][0][k] for i in range(len(idx))]) for k in (0, 1))
+    pooled_a, pooled_b = _TopLeftColour()(a), _TopLeftColour()(b)
+
+    def batch_norm(x: torch.Tensor) -> torch.Tensor:  # by hand: the batch's mean and biased variance
+        return (x - x.mean(0)) / (x.var(0, unbiased=False) + 1e-5).sqrt()
+
+    want_batch = inv.unit_distances(batch_norm(pooled_a), batch_norm(pooled_b))
+    want_running = inv.unit_distances((pooled_a - 5.0) / (4.0 + 1e-5) ** 0.5, (pooled_b - 5.0) / (4.0 + 1e-5) ** 0.5)
+    # batch size 15 would leave a last batch of one image, which has no batch statistics: one batch of 16
+    got_batch = inv.distances(subject, source, idx, batch_size=15, device="cpu", bn_stats="batch")
+    torch.testing.assert_close(got_batch, want_batch, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(inv.distances(subject, source, idx, device="cpu"), want_running, atol=1e-5, rtol=1e-4)
+    assert (want_batch - want_running).abs().max() > 0.05  # the two settings measure different things here
+    bn = trunk[1]  # the model itself is left as it was: running statistics, eval mode
+    assert bn.running_mean.tolist() == [5.0] * 3 and bn.running_var.tolist() == [4.0] * 3 and not bn.training
+    with pytest.raises(PirlError, match="unknown bn_stats 'train'"):
+        inv.distances(subject, source, idx, device="cpu", bn_stats="train")
+
+
 def test_load_subject_heads_for_runs_trunk_for_exports(tiny) -> None:
     heads = inv.load_subject(str(tiny["run"]))
     assert heads.space == "heads" and heads.pretext == "jigsaw" and set(heads.heads) == {"f", "g"}
