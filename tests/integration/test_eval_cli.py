@@ -18,7 +18,7 @@ OWN = {
     "linear": {"--stage"},
     "lowshot": {"--stage", "--shots", "--seeds"},
     "finetune": {"--fraction", "--epochs", "--lr"},
-    "invariance": {"--images", "--space"},
+    "invariance": {"--images", "--space", "--bn-stats"},
     "retrieval": {"--stage", "--queries", "--k"},
 }
 SHARED = {
@@ -101,7 +101,11 @@ def test_an_option_of_another_kind_is_a_one_line_usage_error(capsys, argv, needl
         ),
         (
             ["invariance", "--model", "m", "--model", "n", "--data", "d", "--random-init", "--images", "4"],
-            {"images": 4, "space": "auto", "random_init": True},
+            {"images": 4, "space": "auto", "random_init": True, "bn_stats": "running"},
+        ),
+        (
+            ["invariance", "--model", "m", "--data", "d", "--space", "heads", "--bn-stats", "batch"],
+            {"space": "heads", "bn_stats": "batch"},
         ),
         (["retrieval", "--model", "m", "--data", "d", "--queries", "3", "--k", "4"], {"queries": 3, "k": 4}),
     ],
