@@ -5,7 +5,8 @@ method), exports the trunk with ``pirl export`` and is measured with the same co
 
     pirl eval knn    --model EXPORT --data EVAL/train --val-data EVAL/test
     pirl eval linear --model EXPORT --data EVAL/train --val-data EVAL/test --stage all
-    pirl eval invariance --model EXPORT --space trunk ...   (and --model RUN --space heads for PIRL runs)
+    pirl eval invariance --model EXPORT --space trunk ...   (PIRL runs: --model RUN --space heads, also with
+                                                             --bn-stats batch)
 
 EVAL/train holds every ``--eval-train-every``-th CIFAR-10 training image of each class (symlinks) and EVAL/test
 all 10,000 test images. No evaluation setting depends on the method.
@@ -329,27 +330,40 @@ HEAD_METHODS = ("pirl", "pirl_rotation", "pirl_jigsaw_rotation")  # runs with a 
 INVARIANCE_STATS = ("mean", "std", "median", "n", "histogram")
 
 
+def invariance_spaces(run: Run) -> list[str]:
+    """The spaces measured for ``run``: the trunk for all; the heads, in eval mode and with each pass's own batch
+    statistics, for runs with a g head."""
+    return ["trunk", *(["heads", "heads_batch"] if run.method in HEAD_METHODS else [])]
+
+
 def measure_invariance(
-    run: Run, run_dir: Path, model: Path, eval_data: Path, workers: int, images: int = INVARIANCE_IMAGES
+    run: Run,
+    run_dir: Path,
+    model: Path,
+    eval_data: Path,
+    workers: int,
+    images: int = INVARIANCE_IMAGES,
+    spaces: list[str] | None = None,
 ) -> dict:
-    """``{"trunk": stats, "heads": stats}`` of one run (paper Fig. 4).
+    """``{space: stats}`` of one run (paper Fig. 4) for ``spaces`` (default :func:`invariance_spaces`).
 
     ``trunk``: the pooled trunk feature of the image against that of its jigsaw-shuffled copy, the space where all
-    methods (and random init, with the architecture of ``model``) can be compared. ``heads``, for runs with a g
-    head only: f(I) against g(I^t), the space of the paper's figure.
+    methods (and random init, with the architecture of ``model``) can be compared. ``heads``: f(I) against
+    g(I^t), the space of the paper's figure, with the model in eval mode; ``heads_batch``: the same with each
+    pass normalised by its own batch's statistics, as in training.
     """
     common = ["--data", str(eval_data / "train"), "--val-data", str(eval_data / "test")]
     common += ["--images", str(images), "--workers", str(workers)]
     random_init = run.method == "random"
-    spaces = [("trunk", ["--model", str(model), *(["--random-init"] if random_init else [])])]
-    if run.method in HEAD_METHODS:
-        spaces.append(("heads", ["--model", str(run_dir)]))
+    how = {
+        "trunk": ["--model", str(model), *(["--random-init"] if random_init else []), "--space", "trunk"],
+        "heads": ["--model", str(run_dir), "--space", "heads"],
+        "heads_batch": ["--model", str(run_dir), "--space", "heads", "--bn-stats", "batch"],
+    }
     found: dict[str, dict] = {}
-    for space, models in spaces:
+    for space in spaces if spaces is not None else invariance_spaces(run):
         dest = run_dir / "eval" / f"invariance-{space}"
-        summary = pirl(
-            ["eval", "invariance", *models, "--space", space, "--out", str(dest), *common], dest / "invariance.log"
-        )
+        summary = pirl(["eval", "invariance", *how[space], "--out", str(dest), *common], dest / "invariance.log")
         written = sorted(dest.glob("invariance*.json"))
         full = json.loads(written[0].read_text()) if written else summary
         per_model = full["details"]["per_model"]
@@ -360,19 +374,31 @@ def measure_invariance(
 
 
 def fill_invariance(out: Path, folders: dict[str, Path], results: dict, path: Path, workers: int, images: int) -> None:
-    """Measure the invariance of finished runs whose rows lack it (rows written before it was part of the
-    evaluation), where the export it needs is still on disk; each row is saved to ``path`` as it is filled."""
+    """Measure the spaces that finished runs' rows lack (rows written before they were part of the evaluation),
+    where the export or run folder they need is still on disk; each row is saved to ``path`` as it is filled."""
     by_name = {r.name: r for r in plan()}
     for row in results["runs"]:
         run = by_name.get(row["name"])
-        if run is None or "invariance" in row:
+        if run is None:
+            continue
+        have = row.get("invariance", {})
+        missing = [space for space in invariance_spaces(run) if space not in have]
+        if not missing:
             continue
         model = out / (run.like if run.method == "random" else run.name) / "export"
-        if not model.exists():
+        if run.method == "random" and not model.exists():
+            # random init needs only the architecture: any export of a run on the same testbed has it
+            same = [r.name for r in plan() if r.method != "random" and (r.testbed, r.data) == (run.testbed, run.data)]
+            model = next((out / n / "export" for n in same if (out / n / "export").exists()), model)
+        run_dir = out / run.name
+        if "trunk" in missing and not model.exists():
             print(f"skip invariance of {run.name}: its export {model} is gone", flush=True)
             continue
+        if missing != ["trunk"] and not (run_dir / "config.json").exists():
+            print(f"skip invariance of {run.name}: its run folder {run_dir} is gone", flush=True)
+            continue
         eval_data = folders["transfer-eval" if run.data == "transfer" else "eval"]
-        row["invariance"] = measure_invariance(run, out / run.name, model, eval_data, workers, images)
+        row["invariance"] = have | measure_invariance(run, run_dir, model, eval_data, workers, images, missing)
         save_results(path, results)
 
 

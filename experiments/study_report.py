@@ -142,11 +142,12 @@ def layer_curves(runs: list[dict]) -> str:
 
 # Fig. 4 compares these methods, each by its main run of the lowest seed that has its invariance measured
 INVARIANCE_METHODS = ("pirl", "npid", "jigsaw")
+SPACES = ("trunk", "heads", "heads_batch")  # the heads twice: eval mode, and each pass's own batch statistics
 
 
 def invariance_figure(results: dict) -> dict[str, dict[str, dict]]:
-    """``{"trunk": {run: stats}, "heads": {run: stats}}`` for Fig. 4, from the rows' own measurements: the main run
-    of the lowest seed of each of INVARIANCE_METHODS, and random init in the trunk space."""
+    """``{space: {run: stats}}`` for Fig. 4 (the spaces of SPACES that were measured), from the rows' own
+    measurements: the main run of the lowest seed of each of INVARIANCE_METHODS, and random init."""
     main = [r for r in results.get("runs", []) if r["study"] == "main" and r.get("invariance")]
     chosen = [
         min(rows, key=lambda r: r["seed"])
@@ -154,7 +155,7 @@ def invariance_figure(results: dict) -> dict[str, dict[str, dict]]:
         if (rows := [r for r in main if r["method"] == m])
     ]
     chosen += [r for r in main if r["method"] == "random"][:1]
-    figure: dict[str, dict[str, dict]] = {"trunk": {}, "heads": {}}
+    figure: dict[str, dict[str, dict]] = {space: {} for space in SPACES}
     for r in chosen:
         for space, stats in r["invariance"].items():
             figure[space]["random" if r["method"] == "random" else r["name"]] = stats
@@ -164,11 +165,15 @@ def invariance_figure(results: dict) -> dict[str, dict[str, dict]]:
 def invariance_histograms(results: dict) -> str:
     """Fig. 4: one panel per representation space, one histogram per model."""
     figure = invariance_figure(results)
-    spaces = [s for s in ("trunk", "heads") if s in figure]
+    spaces = [s for s in SPACES if s in figure]
     if not spaces:
         return ""
     fig, axes = plt.subplots(1, len(spaces), figsize=(6 * len(spaces), 3.6), squeeze=False)
-    titles = {"trunk": "pooled trunk: image vs jigsaw-shuffled image", "heads": "heads: f(I) vs g(I^t)"}
+    titles = {
+        "trunk": "pooled trunk: image vs jigsaw-shuffled image",
+        "heads": "heads: f(I) vs g(I^t), eval mode",
+        "heads_batch": "heads: f(I) vs g(I^t), each pass's batch statistics",
+    }
     for ax, space in zip(axes[0], spaces):
         for name, s in figure[space].items():
             counts, edges = s["histogram"]["counts"], s["histogram"]["bin_edges"]
@@ -325,13 +330,13 @@ def markdown_tables(results: dict) -> str:
             "an image and its transformed copy, mean ± standard deviation over the same test images "
             "(lower is more invariant):",
             "",
-            "| run | pooled trunk | f(I) vs g(I^t) |",
-            "|---|---|---|",
+            "| run | pooled trunk | f(I) vs g(I^t), eval mode | f(I) vs g(I^t), batch statistics |",
+            "|---|---|---|---|",
         ]
         for r in measured:
-            cells = [r["invariance"].get(space) for space in ("trunk", "heads")]
+            cells = [r["invariance"].get(space) for space in SPACES]
             text = [f"{c['mean']:.3f} ± {c['std']:.3f}" if c else "" for c in cells]
-            lines.append(f"| `{r['name']}` | {text[0]} | {text[1]} |")
+            lines.append(f"| `{r['name']}` | " + " | ".join(text) + " |")
     return "\n".join(lines)
 
 

@@ -71,8 +71,10 @@ def test_reproduce_smoke_appends_each_run_and_skips_it_next_time(tmp_path):
     for key in ("knn_k20", "knn_k200", "linear", "linear_best"):
         assert 0.0 <= pirl[key] <= 1.0 and 0.0 <= rows["main-random"][key] <= 1.0
     assert Path(pirl["export"], "model.safetensors").is_file()
-    # each run's invariance (Fig. 4) is part of its evaluation: the trunk space for all, the heads for PIRL
-    assert set(pirl["invariance"]) == {"trunk", "heads"} and set(rows["main-random"]["invariance"]) == {"trunk"}
+    # each run's invariance (Fig. 4) is part of its evaluation: the trunk space for all, the heads for PIRL (in
+    # eval mode and with each pass's own batch statistics)
+    assert set(pirl["invariance"]) == {"trunk", "heads", "heads_batch"}
+    assert set(rows["main-random"]["invariance"]) == {"trunk"}
     for stats in [*pirl["invariance"].values(), rows["main-random"]["invariance"]["trunk"]]:
         assert stats["n"] == 20 and sum(stats["histogram"]["counts"]) == 20  # the 20 tiny test images
         assert 0.0 < stats["mean"] <= 2.0
@@ -130,7 +132,9 @@ def test_reproduce_invariance_fills_rows_that_lack_it_from_exports_on_disk(tmp_p
 
     # a random-init row whose own model (main-pirl-s0) was never exported here borrows another run's architecture
     with_random = json.loads(results_path.read_text())
-    with_random["runs"].append({"name": "main-random", "study": "main", "method": "random", "seed": 0})
+    probes = ("knn_k20", "knn_k200", "linear", "linear_best", "best_stage", "linear_by_stage")
+    figures = {k: measured["runs"][0][k] for k in probes}  # any figures: the page draws them
+    with_random["runs"].append({"name": "main-random", "study": "main", "method": "random", "seed": 0, **figures})
     results_path.write_text(json.dumps(with_random))
     _, filled = strip_and_fill()
     assert filled["runs"][0] == measured["runs"][0]  # the same seeded images and model: the same figures
@@ -143,7 +147,7 @@ def test_reproduce_invariance_fills_rows_that_lack_it_from_exports_on_disk(tmp_p
     skipped, left = strip_and_fill()
     assert f"skip invariance of main-npid-s0: its export {export} is gone" in skipped.stdout
     assert "invariance" not in left["runs"][0] and "+ pirl" not in skipped.stdout
-    assert left["runs"][1]["invariance"] == random_trunk and len(left["runs"]) == 2  # kept: it had its figures
+    assert left["runs"][1]["invariance"]["trunk"] == random_trunk and len(left["runs"]) == 2  # kept: it had its figures
 
 
 def test_the_invariance_figure_takes_each_method_by_its_lowest_measured_seed(monkeypatch):
