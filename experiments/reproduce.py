@@ -388,7 +388,9 @@ def fill_invariance(out: Path, folders: dict[str, Path], results: dict, path: Pa
         model = out / (run.like if run.method == "random" else run.name) / "export"
         if run.method == "random" and not model.exists():
             # random init needs only the architecture: any export of a run on the same testbed has it
-            same = [r.name for r in plan() if r.method != "random" and (r.testbed, r.data) == (run.testbed, run.data)]
+            same = [
+                n for n, r in by_name.items() if r.method != "random" and (r.testbed, r.data) == (run.testbed, run.data)
+            ]
             model = next((out / n / "export" for n in same if (out / n / "export").exists()), model)
         run_dir = out / run.name
         if "trunk" in missing and not model.exists():

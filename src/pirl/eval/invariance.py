@@ -197,11 +197,11 @@ BN_STATS = ("running", "batch")
 def _with_batch_statistics(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose BatchNorm layers normalise with each batch's own statistics and leave the
     running ones alone (the original is untouched)."""
-    module = copy.deepcopy(module).eval()
+    module = copy.deepcopy(module)
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.train()
-            m.track_running_stats = False  # use the batch's statistics; update nothing
+            # without running statistics a BatchNorm normalises with the batch's, in eval mode too
+            m.track_running_stats = False
             m.running_mean = m.running_var = None
     return module
 
@@ -235,9 +235,7 @@ def distances(
         )
     modules = [m for m in (subject.trunk, subject.heads) if m is not None]
     for m in modules:
-        m.to(dev)
-        if bn_stats == "running":
-            m.eval()
+        m.to(dev).eval()
 
     def pair_distances(pair: list[torch.Tensor], _labels: torch.Tensor) -> torch.Tensor:
         return unit_distances(*subject.embed(*pair)).cpu()
