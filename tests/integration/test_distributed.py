@@ -11,6 +11,7 @@ One torchrun launch does all the 2-process work (this file is its entry point).
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -138,6 +139,9 @@ def _check_sync_batchnorm() -> None:
 
 def _worker(work: Path) -> None:
     """Entry point under torchrun: the collective checks, then the 2-process training runs."""
+    rank = os.environ["RANK"]
+    # registered before setup_distributed's handler, so it runs after it (atexit is last in, first out)
+    atexit.register(lambda: (work / f"exit-rank{rank}.txt").write_text(str(dist.is_initialized())))
     setup_distributed("cpu")
     _check_bank_collectives()
     _check_sync_batchnorm()
@@ -145,6 +149,7 @@ def _worker(work: Path) -> None:
     train(tiny_config(*OPTS), data, work / "replicated", progress=False)
     train(tiny_config(*OPTS, "loss.bank=sharded"), data, work / "sharded", progress=False)
     train(tiny_config(*OPTS, "train.sync_bn=false", "optim.epochs=1"), data, work / "unsynced", progress=False)
+    assert dist.is_initialized()  # left to the exit handler that setup_distributed registers
 
 
 # --------------------------------------------------------------------------- the pytest side
@@ -252,6 +257,11 @@ def test_sharded_bank_reproduces_the_replicated_bank_under_two_processes(runs):
     sharded = _state(runs / "sharded")
     assert sharded["bank.memory"].shape == (16, 16)  # the checkpoint holds the full bank, gathered on rank 0
     _assert_states_close(sharded, _state(runs / "replicated"))
+
+
+def test_the_process_group_is_gone_before_python_exits(runs):
+    # left to interpreter finalization, gloo can abort a finished process (SIGABRT), failing the launch
+    assert [(runs / f"exit-rank{r}.txt").read_text() for r in (0, 1)] == ["False", "False"]
 
 
 @pytest.mark.parametrize("bank", ["replicated", "sharded"])

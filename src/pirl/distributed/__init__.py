@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -36,7 +37,16 @@ def setup_distributed(device: str, timeout_s: float = 600.0) -> DistInfo:
     if not dist.is_initialized():
         use_cuda = device != "cpu" and torch.cuda.is_available()
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        # A process group left to interpreter finalization can abort the process (gloo's worker threads free
+        # tensors after Python is gone): a finished run would exit with SIGABRT. Destroy it while Python lives.
+        atexit.register(teardown_distributed)
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def teardown_distributed() -> None:
+    """Leave the process group, if this process joined one (safe to call more than once)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier(dinfo: DistInfo, device: torch.device) -> None:
@@ -47,4 +57,4 @@ def barrier(dinfo: DistInfo, device: torch.device) -> None:
         dist.barrier()
 
 
-__all__ = ["DistInfo", "barrier", "distributed", "setup_distributed"]
+__all__ = ["DistInfo", "barrier", "distributed", "setup_distributed", "teardown_distributed"]
