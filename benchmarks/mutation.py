@@ -56,6 +56,7 @@ TEST_FILES = {
     "train_resume_export": "tests/integration/test_train_resume_export.py",
     "api_weights": "tests/integration/test_api_weights.py",
     "export_exact": "tests/integration/test_export_exact.py",
+    "export_refusals": "tests/unit/test_export_refusals.py",
 }
 
 # Tests left out of every run: each spawns a Python subprocess, which imports the unmutated package (mutmut puts
@@ -82,7 +83,7 @@ class Core:
 
 METHOD_TESTS = ("loss_terms", "methods", "model", "training_step")
 DATA_TESTS = ("views", "view_geometry", "augment", "batched")
-EXPORT_TESTS = ("export_exact", "train_resume_export", "api_weights")
+EXPORT_TESTS = ("export_exact", "export_refusals", "train_resume_export", "api_weights")
 SHARD = "ShardedMemoryBank."
 
 CORE: dict[str, Core] = {
