@@ -95,21 +95,33 @@ def _curve(points: dict[float, list[dict]], xlabel: str, title: str, log: bool =
     return _png(fig)
 
 
-def lambda_curve(runs: list[dict]) -> str:
+def lambda_points(runs: list[dict]) -> dict[float, list[dict]]:
+    """The runs of each lambda: the lambda study, with the main PIRL (0.5) and NPID++ (0) runs."""
     points: dict[float, list[dict]] = defaultdict(list)
     for r in runs:
         if (r["study"] == "lambda" or (r["study"] == "main" and r["method"] in ("pirl", "npid"))) and r.get(
             "lam"
         ) is not None:
             points[r["lam"]].append(r)
-    return _curve(points, "lambda (weight of the transformed term)", "Fig. 6: lambda") if len(points) > 1 else ""
+    return points
 
 
-def negatives_curve(runs: list[dict]) -> str:
+def negatives_points(runs: list[dict]) -> dict[float, list[dict]]:
+    """The runs of each number of negatives: the negatives study, with the main PIRL runs."""
     points: dict[float, list[dict]] = defaultdict(list)
     for r in runs:
         if (r["study"] == "negatives" or (r["study"] == "main" and r["method"] == "pirl")) and r.get("negatives"):
             points[r["negatives"]].append(r)
+    return points
+
+
+def lambda_curve(runs: list[dict]) -> str:
+    points = lambda_points(runs)
+    return _curve(points, "lambda (weight of the transformed term)", "Fig. 6: lambda") if len(points) > 1 else ""
+
+
+def negatives_curve(runs: list[dict]) -> str:
+    points = negatives_points(runs)
     return (
         _curve(points, "negatives (the bank holds 10,000 rows)", "Fig. 8: negatives", log=True)
         if len(points) > 1
@@ -322,7 +334,15 @@ def markdown_tables(results: dict) -> str:
     for r in runs:
         by = r.get("linear_by_stage") or {}
         lines.append(f"| `{r['name']}` | " + " | ".join(_f(by.get(k)) for k in STAGES) + " |")
-    measured = [r for r in runs if r.get("invariance")]
+    for title, column, points in (
+        ("The lambda ablation (the Fig. 6 view; 0 is NPID++, 0.5 the main PIRL runs):", "lambda", lambda_points),
+        ("The negatives ablation (the Fig. 8 view; 8192 is the main PIRL runs):", "negatives", negatives_points),
+    ):
+        curve = points(results.get("runs", []))
+        if len(curve) > 1:
+            lines += ["", title, "", _ablation_table(curve, column)]
+    ablations = [r for r in results.get("runs", []) if r["study"] in ("lambda", "negatives")]
+    measured = [r for r in runs + ablations if r.get("invariance")]
     if measured:
         lines += [
             "",
@@ -337,6 +357,20 @@ def markdown_tables(results: dict) -> str:
             cells = [r["invariance"].get(space) for space in SPACES]
             text = [f"{c['mean']:.3f} ± {c['std']:.3f}" if c else "" for c in cells]
             lines.append(f"| `{r['name']}` | " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
+def _ablation_table(points: dict[float, list[dict]], column: str) -> str:
+    """One line per value: its runs, and each probe's mean ± seed spread over them."""
+    lines = [f"| {column} | runs | kNN k=20 | kNN k=200 | linear pool | best layer |", "|---|---|---|---|---|---|"]
+    for x in sorted(points):
+        rows = points[x]
+        cells = [
+            _spread([r[k] for r in rows if r.get(k) is not None])
+            for k in ("knn_k20", "knn_k200", "linear", "linear_best")
+        ]
+        names = ", ".join(f"`{r['name']}`" for r in rows)
+        lines.append(f"| {x:g} | {names} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -189,26 +189,31 @@ def test_the_write_ups_tables_average_the_seeds_of_each_method(tmp_path, monkeyp
 
     assert (study_report.MARKDOWN_START, study_report.MARKDOWN_END) == MARKERS
 
-    def run(name, method, seed, knn, linear, study="main"):
+    def run(name, method, seed, knn, linear, study="main", lam=0.5):
         by_stage = {"conv1": 0.5, "res2": 0.55, "res3": 0.52, "res4": 0.5, "res5": 0.45, "pool": linear}
         return {
             "name": name, "study": study, "method": method, "seed": seed, "knn_k20": knn + 0.01, "knn_k200": knn,
             "linear": linear, "linear_best": 0.55, "best_stage": "res2", "linear_by_stage": by_stage,
-            "images_per_s": 58.0, "load_avg": 2.1,
+            "images_per_s": 58.0, "load_avg": 2.1, "lam": lam,
         }  # fmt: skip
 
     results = {
         "runs": [
             run("main-pirl-s0", "pirl", 0, 0.40, 0.50),
             run("main-pirl-s1", "pirl", 1, 0.44, 0.54),
-            run("main-npid-s0", "npid", 0, 0.45, 0.51),
+            run("main-npid-s0", "npid", 0, 0.45, 0.51, lam=0.0),
             run("why-bn-s0", "pirl", 0, 0.47, 0.53, study="why"),
-            run("lambda-1.0-s0", "pirl", 0, 0.30, 0.30, study="lambda"),
+            run("lambda-1.0-s0", "pirl", 0, 0.30, 0.30, study="lambda", lam=1.0),
         ]
     }
     tables = study_report.markdown_tables(results)
     assert "| `main-pirl-s0` | 0.410 | 0.400 | 0.500 | 0.550 (res2) | 58 (2.1) |" in tables
-    assert "`why-bn-s0`" in tables and "lambda-1.0" not in tables  # the main and why runs only
+    assert "`why-bn-s0`" in tables and "\n| `lambda-1.0-s0` |" not in tables  # the main and why runs only
+    # the lambda ablation: the main PIRL and NPID++ runs are its 0.5 and 0 (the why run is not)
+    assert "| 0 | `main-npid-s0` | 0.460 | 0.450 | 0.510 | 0.550 |" in tables
+    assert "| 0.5 | `main-pirl-s0`, `main-pirl-s1` | 0.430 ± 0.028 | 0.420 ± 0.028 | 0.520 ± 0.028 |" in tables
+    assert "| 1 | `lambda-1.0-s0` | 0.310 | 0.300 | 0.300 | 0.550 |" in tables
+    assert "negatives ablation" not in tables  # no run of it
     assert "| pirl | 2 | 0.430 ± 0.028 | 0.420 ± 0.028 | 0.520 ± 0.028 | 0.550 ± 0.000 |" in tables  # not why-bn
     assert "| npid | 1 | 0.460 | 0.450 | 0.510 | 0.550 |" in tables
     assert "| `main-npid-s0` | 0.500 | 0.550 | 0.520 | 0.500 | 0.450 | 0.510 |" in tables
