@@ -84,6 +84,8 @@ class Run:
     data: str = "cifar10"  # "cifar10" or "transfer" (pretrain on TRANSFER_CLASSES, probe on the others)
     # random init is evaluated with the architecture of this (trained) run's export
     like: str | None = None
+    # the same configuration and seed as this plan entry: its finished row is reused instead of training again
+    same_as: str | None = None
 
     def config_overrides(self) -> list[str]:
         bed = TESTBEDS[self.testbed]
@@ -117,10 +119,13 @@ def plan() -> list[Run]:
     # PIRL pretexts.
     for seed in (0, 1):
         for method in ("pirl", "npid", "jigsaw", "rotation", "supervised"):
-            runs.append(Run(f"main-{method}-s{seed}", "main", method, seed))
+            # seed 0 of supervised on the chosen testbed is the run that chose it
+            same = f"testbed-{CHOSEN}-supervised" if (method, seed) == ("supervised", 0) else None
+            runs.append(Run(f"main-{method}-s{seed}", "main", method, seed, same_as=same))
         if seed == 0:
             runs.append(Run("main-random", "main", "random", like="main-pirl-s0"))
     runs += [Run(f"main-{m}-s0", "main", m) for m in ("pirl_rotation", "pirl_jigsaw_rotation")]
+    # λ = 0 and 0.5 are main-npid-s* and main-pirl-s*; the second seeds come after the rest of seed 0
     runs += [Run(f"lambda-{lam}-s0", "lambda", "pirl", overrides=[f"method.lam={lam}"]) for lam in (0.25, 0.75, 1.0)]
     runs += [
         Run(f"negatives-{k}-s0", "negatives", "pirl", overrides=[f"bank.negatives={k}"])
@@ -136,7 +141,15 @@ def plan() -> list[Run]:
     runs.append(Run("why-no-head-bn-npid-s0", "why", "npid", overrides=["model.head_bn=false"]))
     runs += [Run(f"transfer-{m}", "transfer", m, data="transfer") for m in ("pirl", "npid")]
     runs.append(Run("transfer-random", "transfer", "random", data="transfer", like="transfer-pirl"))
+    runs += [Run(f"lambda-{lam}-s1", "lambda", "pirl", 1, overrides=[f"method.lam={lam}"]) for lam in (0.75, 0.25, 1.0)]
     return runs
+
+
+def reused_row(run: Run, rows: dict[str, dict]) -> dict | None:
+    """The row of ``run.same_as`` under ``run``'s name and study, once that run is finished; else None."""
+    if run.same_as is None or run.same_as not in rows:
+        return None
+    return rows[run.same_as] | {"name": run.name, "study": run.study, "same_run_as": run.same_as}
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -526,6 +539,11 @@ def main(argv: list[str] | None = None) -> None:
     stage = "pool" if args.smoke else "all"
     for run in selected:
         if run.name in done:
+            continue
+        if (reused := reused_row(run, {r["name"]: r for r in results["runs"]})) is not None:
+            results["runs"].append(reused)
+            save_results(results_path, results)
+            print(f"{run.name}: the same run as {run.same_as}, its row reused", flush=True)
             continue
         run_dir = out / run.name
         eval_data = folders["transfer-eval" if run.data == "transfer" else "eval"]

@@ -221,3 +221,29 @@ def test_the_write_ups_tables_average_the_seeds_of_each_method(tmp_path, monkeyp
     assert not study_report.update_markdown(results, doc)  # no file
     doc.write_text("no markers\n")
     assert not study_report.update_markdown(results, doc) and doc.read_text() == "no markers\n"
+
+
+def test_a_plan_entry_reuses_only_a_finished_run_of_the_same_configuration(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "experiments"))
+    import reproduce
+
+    runs = {r.name: r for r in reproduce.plan()}
+    reusing = [r for r in runs.values() if r.same_as is not None]
+    assert [r.name for r in reusing] == ["main-supervised-s0"]
+    for run in reusing:
+        target = runs[run.same_as]
+        for key in ("method", "seed", "testbed", "data"):
+            assert getattr(run, key) == getattr(target, key)
+        assert run.config_overrides() == target.config_overrides()
+    run = runs["main-supervised-s0"]
+    assert reproduce.reused_row(run, {}) is None  # not finished yet: it would be trained
+    rows = {run.same_as: {"name": run.same_as, "study": "testbed", "method": "supervised", "linear": 0.6}}
+    assert reproduce.reused_row(run, rows) == {
+        "name": "main-supervised-s0",
+        "study": "main",
+        "method": "supervised",
+        "linear": 0.6,
+        "same_run_as": run.same_as,
+    }
+    assert rows[run.same_as]["name"] == run.same_as  # the finished row itself is left as it was
+    assert reproduce.reused_row(runs["main-supervised-s1"], rows) is None
