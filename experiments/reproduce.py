@@ -139,6 +139,13 @@ def plan() -> list[Run]:
         )
     runs.append(Run("why-no-head-bn-pirl-s0", "why", "pirl", overrides=["model.head_bn=false"]))
     runs.append(Run("why-no-head-bn-npid-s0", "why", "npid", overrides=["model.head_bn=false"]))
+    # the patch against its cell: 20 of 21 px leaves almost no gap; 16 px is the paper's 64 of 85 (~0.75)
+    runs.append(Run("why-patch-16-pirl-s0", "why", "pirl", overrides=["data.patch_size=16"]))
+    # the loss form: the paper's NCE (Eq. 3-4) at its temperature, against the preset's InfoNCE at 0.1
+    for method in ("pirl", "npid"):
+        runs.append(
+            Run(f"why-paper-nce-{method}-s0", "why", method, overrides=["loss.form=paper_nce", "loss.temperature=0.07"])
+        )
     runs += [Run(f"transfer-{m}", "transfer", m, data="transfer") for m in ("pirl", "npid")]
     runs.append(Run("transfer-random", "transfer", "random", data="transfer", like="transfer-pirl"))
     runs += [Run(f"lambda-{lam}-s1", "lambda", "pirl", 1, overrides=[f"method.lam={lam}"]) for lam in (0.75, 0.25, 1.0)]
