@@ -82,3 +82,21 @@ def test_export_is_the_full_trunk_bit_for_bit_and_computes_what_it_computes(tmp_
 
     again = load_file(export(out, tmp_path / "again") / "model.safetensors")  # an export re-exported
     assert again.keys() == trunk.keys() and all(torch.equal(again[k], trunk[k]) for k in trunk)
+
+
+def test_export_records_its_origin_and_writes_into_new_or_existing_folders(tmp_path):
+    """config.json names the method and epoch it came from; model.safetensors carries the ``format: pt`` metadata
+    that Hugging Face loaders check; the output folder may be nested and new, or an earlier export to overwrite."""
+    from safetensors import safe_open
+
+    cfg = tiny_config("optim.epochs=1", "train.knn_every=0", "bank.init=random", "method.name=npid")
+    train(cfg, random_source(16), tmp_path / "run", progress=False)
+    out = export(tmp_path / "run", tmp_path / "a" / "b" / "exp")  # parents that do not exist yet
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["method"] == "npid" and meta["epoch"] == 1
+    with safe_open(out / "model.safetensors", "pt") as fh:
+        assert fh.metadata() == {"format": "pt"}
+    first = load_file(out / "model.safetensors")
+    assert export(tmp_path / "run", out) == out  # an existing export is replaced, not refused
+    again = load_file(out / "model.safetensors")
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)

@@ -42,6 +42,19 @@ def test_resume_from_epoch_k_equals_uninterrupted_run(tmp_path):
     assert resumed == losses[-len(resumed) :] and len(resumed) == 2 * len(losses) // 3
 
 
+def test_resuming_a_complete_run_reports_its_last_loss_and_trains_no_more(tmp_path):
+    source = random_source(32)
+    cfg = tiny_config("optim.epochs=1")
+    first = train(cfg, source, tmp_path / "run", progress=False)
+    records = (tmp_path / "run" / "metrics.jsonl").read_text()
+    again = train(tiny_config("optim.epochs=1"), source, tmp_path / "run", resume=True, progress=False)
+    last_train = [json.loads(x) for x in records.splitlines() if '"train"' in x][-1]
+    assert again["complete"] and again["loss"] == first["loss"] == last_train["loss"]
+    assert again["checkpoint"] == first["checkpoint"]
+    kept = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert kept.startswith(records) and '"train"' not in kept[len(records) :]  # only a resume record is added
+
+
 @pytest.mark.parametrize("bank_dtype", ["float32", "float16"])
 def test_resume_from_a_mid_epoch_checkpoint(tmp_path, bank_dtype):
     source = random_source(48)

@@ -180,7 +180,7 @@ class _EpochLoop:
         self.steps_per_epoch = parts.sampler.steps_per_epoch
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
         self.stop, self.stopped, self.bar = StopRequest(), None, None
-        self.last_loss, self.epochs_done = float("nan"), done.epoch
+        self.last_loss, self.epochs_done = log.resumed_loss, done.epoch
 
     def run(self) -> None:
         bad_names: list[str] = []

@@ -4,6 +4,7 @@ scalars averaged over the processes that go into them."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +32,19 @@ class RunLog:
 
     ``resumed_step``: the global step of the checkpoint a run continues from. A run that crashed logged steps
     past it that will now be redone; their records are dropped so that every step appears once.
+    ``resumed_loss``: the last training loss the kept records hold (NaN if none), what a resumed run reports as
+    its loss until it logs one of its own, also when it was already complete and takes no step.
     """
 
     def __init__(self, run_dir: Path, enabled: bool, resumed_step: int | None = None) -> None:
         self.enabled = enabled
         self.writer = None
+        self.resumed_loss = float("nan")
         if enabled:
             path = run_dir / "metrics.jsonl"
             if resumed_step is not None and path.is_file():
                 _drop_records_after(path, resumed_step)
+                self.resumed_loss = _last_train_loss(path)
             self.jsonl = open_append(path)  # never through a link planted in the run folder
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -64,6 +69,18 @@ class RunLog:
             self.jsonl.close()
             if self.writer is not None:
                 self.writer.close()
+
+
+def _last_train_loss(path: Path) -> float:
+    loss = float("nan")
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            if record["kind"] == "train" and math.isfinite(record["loss"]):
+                loss = float(record["loss"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return loss
 
 
 def _drop_records_after(path: Path, global_step: int) -> None:
