@@ -150,7 +150,9 @@ def plan() -> list[Run]:
     runs.append(Run("transfer-random", "transfer", "random", data="transfer", like="transfer-pirl"))
     runs += [Run(f"lambda-{lam}-s1", "lambda", "pirl", 1, overrides=[f"method.lam={lam}"]) for lam in (0.75, 0.25, 1.0)]
     # The cpu-quick preset re-chosen from the study: t64 at half the main runs' steps (under 15 minutes of PIRL),
-    # spent as 5 epochs of the 10,000 images or 10 epochs of 5,000; read against main-random.
+    # spent as 5 epochs of the 10,000 images or 10 epochs of 5,000; read against main-random. Beside them the
+    # first cpu-quick (t32 for its 12 epochs, also about 15 minutes), read against testbed-t32-random.
+    runs.append(Run("quick-t32-s0", "quick", "pirl", testbed="t32"))
     for seed in (0, 1):
         runs.append(Run(f"quick-e5-s{seed}", "quick", "pirl", seed, overrides=["optim.epochs=5"]))
         runs.append(Run(f"quick-n5k-s{seed}", "quick", "pirl", seed, overrides=["data.subset=5000"]))
