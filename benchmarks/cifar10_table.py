@@ -10,10 +10,10 @@ image than NPID++ and supervised). Then, with the same commands a user would run
     pirl eval linear --model RUN --data EVAL/train --val-data EVAL/test --out RUN/eval --stage all
 
 where EVAL holds every ``--eval-train-every``-th CIFAR-10 training image and all 10,000 test images (symlinks).
-Writes ``--json`` (docs/results/cifar10.json) and ``--html`` (via ``pirl report``).
+Writes ``--json`` (docs/results/cifar10-equal-time.json) and ``--html`` (via ``pirl report``).
 
     python benchmarks/cifar10_table.py --data CIFAR10_JPEG.tar.gz --out runs/table \\
-        --budget-s 300 --json docs/results/cifar10.json --html docs/results/cifar10.html
+        --budget-s 300 --json docs/results/cifar10-equal-time.json --html docs/results/cifar10-equal-time.html
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=300.0, help="training seconds per method")
     parser.add_argument("--eval-train-every", type=int, default=5)
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
-    parser.add_argument("--json", default="docs/results/cifar10.json")
-    parser.add_argument("--html", default="docs/results/cifar10.html")
+    parser.add_argument("--json", default="docs/results/cifar10-equal-time.json")
+    parser.add_argument("--html", default="docs/results/cifar10-equal-time.html")
     parser.add_argument("overrides", nargs="*", help="config overrides for every method")
     args = parser.parse_args()
     out = Path(args.out)

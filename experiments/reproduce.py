@@ -467,14 +467,22 @@ RESULTS = REPO / "docs/results/reproduction.json"
 MARKDOWN = REPO / "docs/reproduction.md"
 
 
-def write_html(results: dict, path: Path, markdown: Path | None = None) -> None:
-    """The offline page, and the main-run tables of the write-up (where it has their markers)."""
-    from study_report import update_markdown
+HEADLINE = REPO / "docs/results/cifar10.json"
+HEADLINE_PAGES = (REPO / "README.md", REPO / "docs/results.md")
+
+
+def write_html(results: dict, path: Path, markdown: Path | None = None, headline: Path | None = None) -> None:
+    """The offline page, the main-run tables of the write-up (where it has their markers) and, given
+    ``headline``, the headline table: that JSON file and the tables between the README's and results page's
+    headline markers."""
+    from study_report import update_headline, update_markdown
     from study_report import write_html as write
 
     write(results, path)
     if markdown is not None:
         update_markdown(results, markdown)
+    if headline is not None:
+        update_headline(results, headline, list(HEADLINE_PAGES))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -487,6 +495,11 @@ def main(argv: list[str] | None = None) -> None:
         "--markdown",
         help="write-up whose main-run tables are rewritten between their markers (default: docs/reproduction.md "
         "when --results is the default file, else none)",
+    )
+    parser.add_argument(
+        "--headline",
+        help="JSON file for the headline table, also written into README.md and docs/results.md (default: "
+        "docs/results/cifar10.json when --results is the default file, else none)",
     )
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these plan entries")
     parser.add_argument("--study", nargs="+", help="run only these studies (testbed, main, lambda, ...)")
@@ -506,7 +519,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     results_path = Path(args.results)
-    markdown = Path(args.markdown) if args.markdown else MARKDOWN if results_path.resolve() == RESULTS else None
+    default_results = results_path.resolve() == RESULTS
+    markdown = Path(args.markdown) if args.markdown else MARKDOWN if default_results else None
+    headline = Path(args.headline) if args.headline else HEADLINE if default_results else None
     results = load_results(results_path)
     done = {r["name"] for r in results["runs"]}
     runs = plan()
@@ -515,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{'done' if r.name in done else '    '}  {r.name:32s} {r.study:10s} {r.method}")
         return
     if args.report:
-        write_html(results, Path(args.html), markdown)
+        write_html(results, Path(args.html), markdown, headline)
         return
     if not args.data:
         parser.error("--data is required")
@@ -548,7 +563,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.invariance:
         fill_invariance(out, folders, results, results_path, workers, invariance_images)
         save_results(results_path, results)
-        write_html(results, Path(args.html), markdown)
+        write_html(results, Path(args.html), markdown, headline)
         return
     stage = "pool" if args.smoke else "all"
     for run in selected:
@@ -591,7 +606,7 @@ def main(argv: list[str] | None = None) -> None:
         save_results(results_path, results)
         print(json.dumps({k: row[k] for k in ("name", "knn_k20", "knn_k200", "linear", "linear_best")}), flush=True)
     save_results(results_path, results)
-    write_html(results, Path(args.html), markdown)
+    write_html(results, Path(args.html), markdown, headline)
 
 
 if __name__ == "__main__":

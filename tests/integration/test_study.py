@@ -247,3 +247,49 @@ def test_a_plan_entry_reuses_only_a_finished_run_of_the_same_configuration(monke
     }
     assert rows[run.same_as]["name"] == run.same_as  # the finished row itself is left as it was
     assert reproduce.reused_row(runs["main-supervised-s1"], rows) is None
+
+
+def test_the_headline_table_averages_the_main_runs_and_fills_its_markers(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "experiments"))
+    import study_report
+
+    def run(name, method, seed, knn, linear, study="main", speed=50.0, stage="res2", testbed="t64"):
+        return {
+            "name": name, "study": study, "method": method, "seed": seed, "testbed": testbed, "knn_k20": knn + 0.01,
+            "knn_k200": knn, "linear": linear, "linear_best": linear + 0.05, "best_stage": stage,
+            "images_per_s": speed, "epochs": 10, "train_s": 900,
+        }  # fmt: skip
+
+    results = {
+        "testbed": {"chosen": "t64", "candidates": {"t64": "64 px"}, "subset": 10000, "epochs": 10, "eval": "e"},
+        "runs": [
+            run("main-pirl-s0", "pirl", 0, 0.40, 0.50, speed=58.0),
+            run("main-pirl-s1", "pirl", 1, 0.44, 0.54, speed=72.0, stage="conv1"),
+            run("main-pirl-s2", "pirl", 2, 0.42, 0.52, speed=60.0),
+            run("why-bn-s0", "pirl", 0, 0.90, 0.90, study="why"),  # not a main run: not in the headline
+            {**run("main-random", "random", 0, 0.30, 0.40, speed=None), "images_per_s": None, "epochs": 0},
+            run("quick-e5-s0", "pirl", 0, 0.37, 0.46, study="quick"),
+        ],
+    }
+    table = study_report.headline(results)
+    assert [r["method"] for r in table["runs"]] == ["pirl", "random"]
+    pirl, rand = table["runs"]
+    assert pirl["seeds"] == [0, 1, 2] and pirl["runs"] == ["main-pirl-s0", "main-pirl-s1", "main-pirl-s2"]
+    assert pirl["knn"] == pirl["knn_k200"] == pytest.approx(0.42) and pirl["linear"] == pytest.approx(0.52)
+    assert pirl["linear_std"] == pytest.approx(0.02) and pirl["best_stage"] == "res2"  # two of the three seeds
+    assert pirl["images_per_s"] == 72.0 and rand["images_per_s"] is None and rand["linear_std"] is None
+    assert table["protocol"]["testbed"] == "64 px" and "10000" in table["protocol"]["pretraining"]
+    md = study_report.headline_markdown(table)
+    assert "| pirl | 3 | 0.420 ± 0.020 | 0.430 ± 0.020 | 0.520 ± 0.020 | 0.570 ± 0.020 (res2) | 72 |" in md
+    assert "| random init | 1 | 0.300 | 0.310 | 0.400 | 0.450 (res2) | - |" in md
+    page, other = tmp_path / "README.md", tmp_path / "other.md"
+    page.write_text(f"# T\n{study_report.HEADLINE_START}\nold\n{study_report.HEADLINE_END}\nafter\n")
+    other.write_text("no markers\n")
+    study_report.update_headline(results, tmp_path / "cifar10.json", [page, other, tmp_path / "missing.md"])
+    assert json.loads((tmp_path / "cifar10.json").read_text()) == json.loads(json.dumps(table))
+    assert page.read_text() == f"# T\n{study_report.HEADLINE_START}\n{md}\n{study_report.HEADLINE_END}\nafter\n"
+    assert other.read_text() == "no markers\n"
+    # the cpu-quick candidates, each against the random trunk of its testbed
+    quick = study_report.markdown_tables(results)
+    row = "| `quick-e5-s0` | 900 | 0.380 (+7.0) | 0.370 (+7.0) | 0.460 (+6.0) | 0.510 (res2) | 0.310 / 0.300 / 0.400 |"
+    assert row in quick
