@@ -18,7 +18,7 @@ run() {  # run NAME CMD...: keep the JSON lines, tagged with NAME
     "$@" 2>/dev/null | { grep '^{' || true; } | sed "s/^{/{\"bench\": \"$name\", /" | tee -a "$OUT"
 }
 
-# A full step against the trunk alone: cpu-quick, the 64 px reference setting (dense scoring against a 50k bank,
+# A full step against the trunk alone: the first cpu-quick (32 px), the 64 px reference setting (dense scoring against a 50k bank,
 # and against a 1.28M bank, where both 4,096 and 32,000 negatives are gathered rows; once more with the dense path
 # forced at 32,000 (the threshold before gathered_scores), and once with a float16 bank), and ResNet-50 at the
 # paper's sizes.

@@ -36,13 +36,13 @@ OLD_VALUES = {
 # the cpu-quick preset as it was written in the earlier layout
 OLD_CPU_QUICK = """
 data:
-  subset: 10000
-  min_size: 0
-  image_size: 32
+  subset: 5000
+  min_size: 64
+  image_size: 64
   image_scale: [0.2, 1.0]
-  jigsaw_crop: 30
+  jigsaw_crop: 63
   jigsaw_scale: [0.6, 1.0]
-  patch_size: 9
+  patch_size: 20
   augment: light
   workers: 1
   batched_views: true
@@ -59,14 +59,14 @@ loss:
   negatives: 8192
   bank_init: features
 optim:
-  epochs: 12
+  epochs: 10
   batch_size: 64
   base_lr: 0.12
   warmup_epochs: 0.5
   weight_decay: 0.0001
 train:
   log_every: 10
-  knn_every: 2
+  knn_every: 5
   knn_max_images: 2000
 """
 

@@ -74,8 +74,8 @@ def test_views_shapes_for_each_pretext():
     assert out["patches"].shape == (9, 3, 18, 18) and "rotation" in out
     out = PirlViews(cfg, None)(img)
     assert set(out) == {"image"}
-    quick = PirlViews(load_config("cpu-quick", []).data, "jigsaw")(img)  # the preset itself: 32 px, 9 px patches
-    assert quick["image"].shape == (3, 32, 32) and quick["patches"].shape == (9, 3, 9, 9)
+    quick = PirlViews(load_config("cpu-quick", []).data, "jigsaw")(img)  # the preset itself: 64 px, 20 px patches
+    assert quick["image"].shape == (3, 64, 64) and quick["patches"].shape == (9, 3, 20, 20)
 
 
 def test_patches_are_augmented_independently():
