@@ -1,11 +1,11 @@
 """The CIFAR-10 results table: PIRL, NPID++, Jigsaw, Rotation, supervised and random init, same
 architecture, same CPU budget, kNN and linear probes (res5 and the best layer), plus the HTML report.
 
-Every method starts from the cpu-quick preset plus the given overrides (the recorded table: ResNet-18 at 32 px,
-``data.min_size=0 data.image_size=32 data.jigsaw_crop=30 data.patch_size=9``, the first cpu-quick). A short calibration run measures each
-method's images/s; its epochs are then set so that its training takes about ``--budget-s`` seconds, so every
-method gets the same CPU time rather than the same number of epochs (Jigsaw, Rotation and PIRL cost more per
-image than NPID++ and supervised). Then, with the same commands a user would run:
+Every method starts from the cpu-quick preset plus the given overrides (the recorded table: ResNet-18 at
+32 px, ``data.min_size=0 data.image_size=32 data.jigsaw_crop=30 data.patch_size=9``, the first cpu-quick). A
+short calibration run measures each method's images/s; its epochs are then set so that its training takes about
+``--budget-s`` seconds, so every method gets the same CPU time rather than the same number of epochs (Jigsaw,
+Rotation and PIRL cost more per image than NPID++ and supervised). Then, with the same commands a user would run:
 
     pirl eval knn    --model RUN --data EVAL/train --val-data EVAL/test --out RUN/eval
     pirl eval linear --model RUN --data EVAL/train --val-data EVAL/test --out RUN/eval --stage all
