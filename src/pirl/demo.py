@@ -45,6 +45,7 @@ DEMO_OVERRIDES = [
     "optim.base_lr=0.12",
     "optim.warmup_epochs=0.5",
     "optim.epochs=12",
+    "train.knn_every=2",
 ]
 
 

@@ -56,7 +56,7 @@ loss:
   pretext: jigsaw
   lam: 0.5
   temperature: 0.1
-  negatives: 8192
+  negatives: 5000
   bank_init: features
 optim:
   epochs: 10
@@ -113,7 +113,7 @@ def test_an_old_yaml_file_loads_as_the_shipped_preset(tmp_path):
     path.write_text(OLD_CPU_QUICK)
     cfg = load_config(str(path))
     assert cfg == load_config("cpu-quick")
-    assert (cfg.method.name, cfg.bank.negatives, cfg.bank.init, cfg.loss.temperature) == ("pirl", 8192, "features", 0.1)
+    assert (cfg.method.name, cfg.bank.negatives, cfg.bank.init, cfg.loss.temperature) == ("pirl", 5000, "features", 0.1)
     # old keys in a file, new ones on the command line, and the other way round
     assert load_config(str(path), ["bank.negatives=100"]).bank.negatives == 100
     path.write_text("method:\n  lam: 0.75\n")
