@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -466,8 +467,6 @@ def _replace_block(path: Path, start: str, end: str, body: str) -> bool:
 
 def update_headline(results: dict, json_path: Path, markdown_paths: list[Path]) -> None:
     """Write the headline table to ``json_path`` and between the headline markers of each markdown file."""
-    import json
-
     table = headline(results)
     json_path.write_text(json.dumps(table, indent=1) + "\n")
     for path in markdown_paths:

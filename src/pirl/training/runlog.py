@@ -43,8 +43,7 @@ class RunLog:
         if enabled:
             path = run_dir / "metrics.jsonl"
             if resumed_step is not None and path.is_file():
-                _drop_records_after(path, resumed_step)
-                self.resumed_loss = _last_train_loss(path)
+                self.resumed_loss = _last_train_loss(_drop_records_after(path, resumed_step))
             self.jsonl = open_append(path)  # never through a link planted in the run folder
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -71,24 +70,25 @@ class RunLog:
                 self.writer.close()
 
 
-def _last_train_loss(path: Path) -> float:
-    loss = float("nan")
+def _last_train_loss(records: list[dict[str, Any]]) -> float:
+    losses = [
+        float(r["loss"])
+        for r in records
+        if r.get("kind") == "train" and isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])
+    ]
+    return losses[-1] if losses else float("nan")
+
+
+def _drop_records_after(path: Path, global_step: int) -> list[dict[str, Any]]:
+    """Rewrite ``path`` without the records past ``global_step``; returns the records kept."""
+    lines, kept = [], []
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
-            if record["kind"] == "train" and math.isfinite(record["loss"]):
-                loss = float(record["loss"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return loss
-
-
-def _drop_records_after(path: Path, global_step: int) -> None:
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["global_step"] <= global_step:
-                kept.append(line + "\n")
+            if record["global_step"] <= global_step:
+                lines.append(line + "\n")
+                kept.append(record)
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by the crash
-    atomic_write(path, lambda fh: fh.write("".join(kept).encode()))
+    atomic_write(path, lambda fh: fh.write("".join(lines).encode()))
+    return kept
