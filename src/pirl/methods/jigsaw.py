@@ -70,9 +70,7 @@ class PermutationHead(nn.Module):
     """Pooled features of the n patches of each image (n*B, C), image-major -> logits over the |T| permutations:
     a projection shared by all patches, their concatenation in the shown order, a linear classifier."""
 
-    def __init__(
-        self, in_dim: int, patch_dim: int, num_patches: int, num_classes: int, mlp: bool = False, hidden: int = 2048
-    ) -> None:
+    def __init__(self, in_dim: int, patch_dim: int, num_patches: int, num_classes: int, mlp: bool, hidden: int) -> None:
         super().__init__()
         self.num_patches = num_patches
         self.patch_proj = _projection(in_dim, patch_dim, mlp, hidden, last_relu=mlp)

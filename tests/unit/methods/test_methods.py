@@ -328,3 +328,161 @@ def test_supervised_takes_its_classes_from_the_labels_and_names_what_is_missing(
             Supervised.from_source(cfg, 12, source(labels))
     with pytest.raises(PirlError, match="at least 2 classes; got 1"):  # labelled, but with one class
         Supervised.from_source(cfg, 12, source([0, 0, 0]))
+
+
+# --------------------------------------------------------------------------- the shared base and the heads, by hand
+
+
+def test_method_keys_are_refused_with_the_key_the_value_and_the_allowed_range():
+    assert tiny_config("method.lam=1").method.lam == 1.0 and tiny_config("method.lam=0").method.lam == 0.0
+    for lam in ("1.5", "-0.25"):
+        with pytest.raises(PirlError) as err:
+            tiny_config(f"method.lam={lam}")
+        assert str(err.value) == f"bad config value method.lam={float(lam)}: must be in [0, 1]"
+    with pytest.raises(PirlError) as err:
+        tiny_config("method.pretext=colour")
+    assert str(err.value) == (
+        "bad config value method.pretext='colour': must be one of jigsaw, rotation, jigsaw_rotation"
+    )
+    # a 2x2 grid has 4! = 24 orders: both ends of [2, 24] are allowed, 1 and 25 are not
+    grid2 = ("method.name=jigsaw", "data.grid=2", "data.jigsaw_crop=12")
+    for count in (2, 24):
+        assert tiny_config(*grid2, f"method.permutations={count}").method.permutations == count
+    for count in (1, 25):
+        with pytest.raises(PirlError) as err:
+            tiny_config(*grid2, f"method.permutations={count}")
+        assert str(err.value) == (
+            f"bad config value method.permutations={count}: must be between 2 and 24 for data.grid=2"
+        )
+
+
+@pytest.fixture
+def torchvision_resnet18_in_the_hub_cache(tmp_path, monkeypatch):
+    """torch.hub's cache holding random weights under the name of torchvision's ResNet-18 weights."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(5)
+    state = torchvision.models.resnet18().state_dict()
+    name = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(state, tmp_path / "torch" / "hub" / "checkpoints" / name)
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def test_the_trunk_has_the_configured_stem_and_starts_from_model_init(torchvision_resnet18_in_the_hub_cache):
+    cifar = build_method(tiny_config("method.name=npid", "model.stem=cifar"), 8).encoder.trunk
+    assert cifar.conv1.kernel_size == (3, 3) and cifar.conv1.stride == (1, 1)
+    assert isinstance(cifar.maxpool, torch.nn.Identity)
+    imagenet = build_method(tiny_config("method.name=npid"), 8).encoder.trunk
+    assert imagenet.conv1.kernel_size == (7, 7) and isinstance(imagenet.maxpool, torch.nn.MaxPool2d)
+    spec = "model.init=torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    trunk = build_method(tiny_config("method.name=npid", spec), 8).encoder.trunk.state_dict()
+    assert set(trunk) == set(torchvision_resnet18_in_the_hub_cache)
+    assert all(torch.equal(trunk[k], v) for k, v in torchvision_resnet18_in_the_hub_cache.items())
+
+
+def test_parameter_groups_give_sgd_weight_decay_on_weights_and_none_on_norms_and_biases():
+    method = build_method(tiny_config("method.name=npid", "model.head=mlp", "model.mlp_hidden=24"), 8)
+    groups = torch.optim.SGD(method.parameter_groups(5e-4), lr=0.1).param_groups  # SGD's own default is 0
+    assert [g["weight_decay"] for g in groups] == [5e-4, 0.0]
+    params = list(method.encoder.parameters())
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in params if p.ndim > 1}
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in params if p.ndim <= 1}
+
+
+def test_the_bank_has_the_configured_seed_and_storage():
+    from pirl.bank.build import build_bank
+
+    method = build_method(tiny_config("method.name=npid", "train.seed=3", "bank.dtype=float16"), 12)
+    assert method.bank.memory.dtype == torch.float16 and method.bank.seed == 3
+    assert torch.equal(method.bank.memory, build_bank("replicated", 12, 16, 0.5, 3, "float16").memory)
+
+
+@pytest.mark.parametrize(
+    "exclude, shared, global_batch, offset, k",
+    [
+        (True, False, 8, 4, 11),  # D \ {I}: 11 of the 12 rows at most; this rank's half of a global batch of 8
+        (False, False, None, 0, 12),  # all of D
+        (False, True, None, 0, 12),  # one set for the batch
+    ],
+)
+def test_bank_loss_draws_the_configured_negatives(exclude, shared, global_batch, offset, k):
+    """More negatives asked for than the bank holds: as many as there are, with the bank's sampling options."""
+    cfg = tiny_config(
+        "method.name=npid",
+        "bank.negatives=100",
+        f"bank.exclude_positive={str(exclude).lower()}",
+        f"bank.share_negatives={str(shared).lower()}",
+    )
+    method = build_method(cfg, 12)
+    method.global_batch, method.batch_offset = global_batch, offset
+    calls = []
+    draw = method.bank.sample_negatives
+
+    def spy(*args, **kwargs):
+        calls.append((args[1:], kwargs))
+        return draw(*args, **kwargs)
+
+    method.bank.sample_negatives = spy
+    emb = torch.nn.functional.normalize(torch.randn(4, 16), dim=1)
+    indices = torch.tensor([0, 3, 5, 11])
+    loss = method.bank_loss(emb, indices, step=7, term=1)
+    options = {"shared": shared, "exclude_positive": exclude, "global_batch": global_batch, "offset": offset}
+    assert calls == [((k, 7, 1), options)]
+    negatives = draw(indices, k, 7, 1, **options)
+    assert negatives.shape == ((k,) if shared else (4, k))
+    assert torch.equal(loss, method.criterion(method.bank.score(emb, indices, negatives)))
+
+
+@pytest.mark.parametrize("pretext", ["jigsaw", "rotation"])
+def test_pirl_builds_f_and_g_from_the_model_config(pretext):
+    common = ("model.embed_dim=16", "model.mlp_hidden=24", f"method.pretext={pretext}")
+    mlp = build_method(tiny_config(*common, "model.head=mlp", "model.head_bn=true"), 8).encoder.heads
+    plain = build_method(tiny_config(*common, "model.head=linear", "model.head_bn=false"), 8).encoder.heads
+    g_proj = "proj" if pretext == "rotation" else "patch_proj"
+    for proj in (mlp["f"].proj, getattr(mlp["g"], g_proj)):
+        layers = [type(m) for m in proj]
+        # the jigsaw's shared patch projection keeps VISSL's last ReLU
+        assert layers[:3] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+        assert layers[3:] == ([torch.nn.ReLU] if proj is getattr(mlp["g"], "patch_proj", None) else [])
+        assert proj[0].out_features == 24 and proj[2].out_features == 16
+    for head in mlp.values():
+        assert isinstance(head.out_norm, torch.nn.BatchNorm1d) and not head.out_norm.affine
+    for proj in (plain["f"].proj, getattr(plain["g"], g_proj)):
+        assert isinstance(proj, torch.nn.Linear) and proj.out_features == 16
+    assert all(isinstance(head.out_norm, torch.nn.Identity) for head in plain.values())
+
+
+def test_pirl_at_lambda_0_runs_no_transformed_pass_and_logs_how_close_f_and_g_are(one_thread):
+    npid_like = build_method(tiny_config("method.lam=0"), 8, random_source(8))
+    out = npid_like.training_step(_real_batch(npid_like), 0)
+    # the patches never went through the trunk: one BatchNorm update, one term logged
+    assert int(npid_like.encoder.trunk.bn1.num_batches_tracked) == 1 and set(out.logs) == {"loss_image"}
+
+    method = build_method(tiny_config("method.lam=0.5"), 8, random_source(8))
+    batch = _real_batch(method)
+    out = method.training_step(batch, 0)
+    assert set(out.logs) == {"loss_image", "loss_transformed", "sim_f_g"}
+    with torch.no_grad():  # the same training-mode passes again: batch statistics, the same embeddings
+        emb = method.encoder({"g": method.transformed_input(batch), "f": batch["image"]})
+    cosines = (torch.nn.functional.normalize(emb["f"]) * torch.nn.functional.normalize(emb["g"])).sum(1)
+    torch.testing.assert_close(out.logs["sim_f_g"], cosines.mean())
+    assert -1 <= float(out.logs["sim_f_g"]) <= 1
+
+
+def test_jigsaw_builds_its_permutations_and_head_from_the_config():
+    grid2 = ("method.name=jigsaw", "data.grid=2", "data.jigsaw_crop=12", "method.permutations=10")
+    common = (*grid2, "model.embed_dim=16", "model.mlp_hidden=24")
+    method = build_method(tiny_config(*common, "model.head=mlp"), 8)
+    assert method.num_samples == 8
+    assert method.permutations.shape == (10, 4) and torch.equal(method.permutations, hamming_permutations(10, 4))
+    head = method.encoder.heads["jigsaw"]
+    assert [type(m) for m in head.patch_proj] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear, torch.nn.ReLU]
+    assert head.patch_proj[0].out_features == 24 and head.patch_proj[2].out_features == 16
+    assert (head.classifier.in_features, head.classifier.out_features) == (4 * 16, 10)
+    linear = build_method(tiny_config(*common, "model.head=linear"), 8).encoder.heads["jigsaw"]
+    assert isinstance(linear.patch_proj, torch.nn.Linear) and linear.patch_proj.out_features == 16
+
+
+def test_rotation_classifies_four_turns():
+    method = build_method(tiny_config("method.name=rotation"), 4)
+    assert method.encoder.heads["rotation"].out_features == 4
