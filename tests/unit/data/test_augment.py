@@ -99,3 +99,9 @@ def test_the_views_and_the_evaluators_keep_to_their_layers():
         "sys.exit(2 * bank + ('pirl.training' in sys.modules or 'pirl.train' in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_blur_kernel_is_the_odd_side_nearest_a_tenth_of_the_element_and_at_least_3():
+    blur = augment.Blur(0.5)
+    assert [augment.blur_kernel(blur, size) for size in (224, 100, 64, 32, 20, 8)] == [23, 11, 7, 3, 3, 3]
+    assert augment.blur_kernel(augment.Blur(0.5, divisor=5), 40) == 9  # the divisor is the step's own

@@ -10,7 +10,16 @@ from torchvision.transforms.v2 import functional as TF
 
 from helpers import random_source, tiny_config
 from pirl.config import load_config
-from pirl.data.batched import BatchedViews, DecodeResize, _color_jitter, _Draws, _hue, _jitter_draws, decode_size
+from pirl.data.batched import (
+    BatchedViews,
+    DecodeResize,
+    _color_jitter,
+    _Draws,
+    _hue,
+    _jitter_draws,
+    _unrotate_boxes,
+    decode_size,
+)
 from pirl.data.views import PirlViews
 from pirl.errors import PirlError
 
@@ -285,3 +294,48 @@ def test_training_with_batched_views_on_cpu_is_repeatable_and_uses_them(tmp_path
     assert np.isfinite(runs[0]["loss"]) and runs[0]["checkpoint"]
     assert runs[0]["loss"] == runs[1]["loss"]
     assert runs[0]["loss"] != per_sample["loss"]
+
+
+def test_unrotated_boxes_cut_the_pixels_the_box_covers_in_the_turned_image():
+    """A box drawn on torch.rot90(image, k), mapped back onto the upright image, covers the same pixels: cut
+    there and turned by k it is the box's cut of the turned image, for boxes away from every edge."""
+    height, width = 5, 7
+    img = torch.randint(0, 256, (3, height, width), generator=_gen(15))
+    for k in range(4):
+        turned = torch.rot90(img, k, dims=(-2, -1))
+        th, tw = turned.shape[-2:]
+        sides = [(h, w) for h in (1, 2, 3) for w in (1, 2)]
+        boxes = [(t, x, h, w) for t in range(th) for x in range(tw) for h, w in sides if t + h <= th and x + w <= tw]
+        n = len(boxes)
+        full = [torch.full((n,), v) for v in (height, width, k)]
+        back = _unrotate_boxes(torch.tensor(boxes, dtype=torch.float32), *full)
+        for (t, x, h, w), (bt, bx, bh, bw) in zip(boxes, back.long().tolist()):
+            upright = img[:, bt : bt + bh, bx : bx + bw]
+            assert torch.equal(torch.rot90(upright, k, dims=(-2, -1)), turned[:, t : t + h, x : x + w]), (k, t, x, h, w)
+
+
+def test_jigsaw_rotation_cuts_the_patches_from_the_turned_image():
+    """With scale 1 and no augmentation the puzzle is the turned image itself: each patch is a window of
+    torch.rot90(image, rotation) inside the cell its order names."""
+    cfg = load_config(
+        None, ["data.jigsaw_crop=15", "data.patch_size=4", "data.image_size=8", "data.jigsaw_scale=[1.0,1.0]", *PLAIN]
+    ).data
+    images = _coordinates(15, 15).expand(8, 3, 15, 15)
+    out = BatchedViews(cfg, "jigsaw_rotation", image=False)(images, None, _gen(16))
+    assert set(out["rotation"].tolist()) - {0}  # some puzzles are turned
+    for patches, order, k in zip(out["patches"], out["order"], out["rotation"].tolist()):
+        puzzle = torch.rot90(images[0], k, dims=(-2, -1)).float() / 255
+        for patch, c in zip(patches, order.tolist()):
+            row, col = divmod(c, 3)
+            y, x = row * 5, col * 5
+            windows = [puzzle[:, y + dy : y + dy + 4, x + dx : x + dx + 4] for dy in (0, 1) for dx in (0, 1)]
+            assert any((patch - w).abs().max() < 1e-6 for w in windows), (k, c)
+
+
+def test_bernoulli_fires_strictly_below_p_as_torchvisions_random_apply():
+    """An element fires when its uniform draw is below p (RandomApply: ``torch.rand(1) < p``), so it fires with
+    probability exactly p, and p = 0 never fires even on a draw of exactly 0: a draw equal to p does not fire."""
+    u = _Draws(_gen(17), 4, 4, 0, torch.device("cpu")).uniform(6)
+    p = float(u[1, 2])  # a float32 value: exactly representable, so the comparison with it is exact
+    fired = _Draws(_gen(17), 4, 4, 0, torch.device("cpu")).bernoulli(p, 6)
+    assert torch.equal(fired, u < p) and not fired[1, 2] and fired.any()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torchvision.transforms.v2 import functional as TF
 
@@ -205,3 +206,45 @@ def test_replacements_in_a_batch_keep_every_index_in_range_and_every_good_index_
         else:
             assert index == next(i % 16 for i in range(position, position + 16) if i % 16 not in source.bad)
             assert position in sample["bad"].tolist()
+
+
+def test_batched_crop_positions_are_drawn_independently_per_axis():
+    """torchvision draws a crop's top and left independently: where the box lies down the image says nothing
+    about where it lies across (a shared draw would make them move together)."""
+    for size, boxes in _batched_boxes((0.25, 0.5), 3000).items():
+        top, left, h, w = boxes.unbind(1)
+        down, across = top / (size[0] - h + 1), left / (size[1] - w + 1)  # each U[0, 1) given the box's size
+        assert abs(float(torch.corrcoef(torch.stack([down, across]))[0, 1])) < 0.1, size
+
+
+def test_batched_crop_boxes_on_a_tiny_image_are_never_empty_and_take_torchvisions_sizes():
+    """On a 3 x 3 image at scale 2.5-3% an attempt rounds to a 1 x 1 box or to an empty one: torchvision keeps
+    only non-empty attempts (w > 0 and h > 0) and otherwise falls back to the whole image, about half the time."""
+    n, scale = 2000, (0.025, 0.03)
+    draws = _Draws(torch.Generator().manual_seed(0), n, n, 0, torch.device("cpu"))
+    boxes = _resized_crop_boxes(draws, torch.full((n,), 3), torch.full((n,), 3), scale)
+    ours = [tuple(b) for b in boxes[:, 2:].long().tolist()]
+    theirs = [tuple(b) for b in _torchvision_boxes((3, 3), scale, n)[:, 2:].long().tolist()]
+    assert set(ours) == set(theirs) == {(1, 1), (3, 3)}
+    assert abs(ours.count((1, 1)) - theirs.count((1, 1))) < 0.05 * n
+
+
+def test_crop_resize_shrinks_by_averaging_every_pixel_of_a_bin():
+    """A box of a whole multiple of the output size: each output pixel is the mean of its bin's pixels
+    (ceil(box / size) samples per axis, at the pixel centres), not one sample from the bin's middle."""
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0], [4.0, 8.0, 16.0, 24.0]])  # (top, left, h, w): bins 4 x 4, 2 x 3
+    out = _crop_resize(x, boxes, 8)
+    torch.testing.assert_close(out[0], F.avg_pool2d(x[0], 4), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[1], F.avg_pool2d(x[1, :, 4:20, 8:32], (2, 3)), rtol=0, atol=1e-5)
+
+
+def test_crop_resize_takes_boxes_of_another_float_dtype_than_the_images():
+    """The boxes are cast to the images' dtype for roi_align, which needs the two to match."""
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(6))
+    boxes = torch.tensor([[1.0, 2.0, 8.0, 6.0], [0.0, 0.0, 12.0, 12.0]])
+    want = _crop_resize(x, boxes, 5)
+    torch.testing.assert_close(_crop_resize(x, boxes.double(), 5), want, rtol=0, atol=0)
+    doubled = _crop_resize(x.double(), boxes, 5)
+    assert doubled.dtype == torch.float64
+    torch.testing.assert_close(doubled.float(), want, rtol=0, atol=1e-6)

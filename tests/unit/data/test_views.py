@@ -1,9 +1,13 @@
+import warnings
+
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from pirl.config import load_config
-from pirl.data.views import ImageView, JigsawView, PirlViews, jigsaw_geometry
+from pirl.data.views import ImageView, JigsawView, PirlViews, eval_transform, jigsaw_geometry
 
 
 def test_jigsaw_geometry_one_patch_per_cell_inside_it():
@@ -107,3 +111,120 @@ def test_vissl_photometric_accepts_every_solarize_threshold(monkeypatch):
     torch.manual_seed(0)
     out = VisslPhotometric(0.66)(img)
     assert torch.equal(out, TF.autocontrast(TF.adjust_sharpness(TF.posterize(img, 8), float(sharp))))
+
+
+def _plain_config(*overrides: str):
+    """A config whose views are exact: no photometric augmentation, no normalisation, no upscaling."""
+    return load_config(
+        None, ["data.augment=none", "data.mean=[0,0,0]", "data.std=[1,1,1]", "data.min_size=0", *overrides]
+    ).data
+
+
+def _noise(size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_eval_transform_resizes_by_256_over_224_from_128_pixels_up_then_centre_crops():
+    """The default resize is input_size * 256 // 224 from 128 pixels up (224 -> 256, 128 -> 146) and input_size
+    below; the output is the centre crop of that, scaled to [0, 1]. An image already of the resize side is not
+    resampled, so the output is exactly its centre pixels."""
+    for input_size, resize in ((224, 256), (128, 146), (127, 127), (32, 32)):
+        ys, xs = np.mgrid[0:resize, 0:resize]
+        img = Image.fromarray(np.stack([xs, ys, (xs + ys) % 256], -1).astype(np.uint8))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no warning per image (e.g. about antialias on PIL images)
+            out = eval_transform(input_size, (0.0,) * 3, (1.0,) * 3)(img)
+        top = (resize - input_size) // 2  # an even margin in every case here
+        want = torch.from_numpy(np.array(img)).permute(2, 0, 1)[:, top : top + input_size, top : top + input_size]
+        assert out.shape == (3, input_size, input_size) and out.dtype == torch.float32
+        torch.testing.assert_close(out, want.float() / 255, rtol=0, atol=1e-6, msg=str(input_size))
+
+
+def test_image_view_at_scale_one_is_the_whole_image_resized_with_antialiasing():
+    """image_scale [1, 1] on a square image: RandomResizedCrop keeps all of it (the configured scale, not
+    torchvision's default 0.08-1) and shrinks it with antialiasing, as TF.resized_crop(antialias=True)."""
+    t = _noise(64)
+    torch.manual_seed(0)
+    out = ImageView(_plain_config("data.image_size=16", "data.image_scale=[1.0,1.0]"))(t)
+    want = TF.resized_crop(t, 0, 0, 64, 64, [16, 16], antialias=True).float() / 255
+    aliased = TF.resized_crop(t, 0, 0, 64, 64, [16, 16], antialias=False).float() / 255
+    assert (want - aliased).abs().mean() > 0.02  # the check below tells the two apart
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
+
+
+def test_jigsaw_puzzle_at_scale_one_is_the_whole_image_resized_with_antialiasing():
+    """Each patch is a window, inside its own cell, of the whole image shrunk with antialiasing."""
+    cfg = _plain_config("data.jigsaw_crop=15", "data.patch_size=4", "data.jigsaw_scale=[1.0,1.0]")
+    t = _noise(60)
+    torch.manual_seed(0)
+    patches, order = JigsawView(cfg)(t)
+    puzzle = TF.resized_crop(t, 0, 0, 60, 60, [15, 15], antialias=True).float() / 255
+    aliased = TF.resized_crop(t, 0, 0, 60, 60, [15, 15], antialias=False).float() / 255
+    assert (puzzle - aliased).abs().mean() > 0.02
+    for patch, c in zip(patches, order.tolist()):
+        row, col = divmod(c, 3)
+        y, x = row * 5, col * 5
+        windows = [puzzle[:, y + dy : y + dy + 4, x + dx : x + dx + 4] for dy in (0, 1) for dx in (0, 1)]
+        assert any((patch - w).abs().max() < 1e-6 for w in windows), c
+
+
+def _blur_kernels(transform) -> list[int]:
+    """The kernel sides of the Gaussian blurs in a (nested) torchvision transform."""
+    if isinstance(transform, v2.GaussianBlur):
+        return [transform.kernel_size[0]]
+    return [k for t in getattr(transform, "transforms", []) for k in _blur_kernels(t)]
+
+
+def test_blur_kernel_is_sized_by_each_views_own_element():
+    """simclr_blur's kernel is about a tenth of the element it blurs: the 224-pixel image (23), a 64-pixel patch (7)."""
+    cfg = load_config(None, ["data.augment=simclr_blur"]).data
+    assert (cfg.image_size, cfg.patch_size) == (224, 64)
+    assert _blur_kernels(ImageView(cfg).augment) == [23]
+    assert _blur_kernels(JigsawView(cfg).augment) == [7]
+
+
+def test_rotated_view_is_the_image_turned_by_the_drawn_rotation():
+    """Over seeds, the rotation label takes each of 0-3, and the rotated view is the image turned by exactly that
+    many quarter turns in the image plane (with scale 1 and no augmentation the views are the pixels)."""
+    cfg = _plain_config("data.image_size=16", "data.image_scale=[1.0,1.0]")
+    t = _noise(16)
+    img = Image.fromarray(t.permute(1, 2, 0).numpy())
+    views, seen = PirlViews(cfg, "rotation"), set()
+    for seed in range(24):
+        torch.manual_seed(seed)
+        out = views(img)
+        k = int(out["rotation"])
+        seen.add(k)
+        torch.testing.assert_close(out["image"], t.float() / 255, rtol=0, atol=1e-6)
+        torch.testing.assert_close(out["rotated"], torch.rot90(t, k, dims=(-2, -1)).float() / 255, rtol=0, atol=1e-6)
+    assert seen == {0, 1, 2, 3}
+
+
+def test_image_false_leaves_out_the_image_view():
+    cfg = _plain_config("data.image_size=16", "data.jigsaw_crop=15", "data.patch_size=4")
+    img = _coordinate_image(20)
+    assert set(PirlViews(cfg, "jigsaw", image=False)(img)) == {"patches", "order"}
+    assert set(PirlViews(cfg, "rotation", image=False)(img)) == {"rotation", "rotated"}
+    assert set(PirlViews(cfg, "jigsaw", image=True)(img)) == {"image", "patches", "order"}
+
+
+def test_permutation_set_orders_the_patches_by_a_uniformly_drawn_row():
+    """With a permutation set, ``permutation`` is a drawn row index (every row is drawn), ``order`` is that row,
+    and each patch comes from the cell the row names."""
+    cfg = _plain_config(
+        "data.image_size=16", "data.jigsaw_crop=60", "data.patch_size=16", "data.jigsaw_scale=[1.0,1.0]"
+    )
+    perms = torch.stack([torch.arange(9), torch.arange(9).flip(0), (torch.arange(9) + 4) % 9])
+    views, seen = PirlViews(cfg, "jigsaw", permutations=perms), set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        out = views(_coordinate_image(60))
+        assert out["permutation"].shape == () and not out["permutation"].is_floating_point()
+        row = int(out["permutation"])
+        seen.add(row)
+        assert torch.equal(out["order"], perms[row])
+        for patch, c in zip(out["patches"], perms[row].tolist()):
+            x0, y0 = round(float(patch[0, 0, 0]) * 255), round(float(patch[1, 0, 0]) * 255)
+            r, col = divmod(c, 3)
+            assert r * 20 <= y0 <= r * 20 + 4 and col * 20 <= x0 <= col * 20 + 4
+    assert seen == {0, 1, 2}
