@@ -208,6 +208,33 @@ def test_image_false_leaves_out_the_image_view():
     assert set(PirlViews(cfg, "jigsaw", image=True)(img)) == {"image", "patches", "order"}
 
 
+def _assert_each_patch_from_its_cell(patches: torch.Tensor, order: torch.Tensor) -> None:
+    """Patches of a 60-pixel coordinate image (20-pixel cells, 16-pixel patches): patch i starts in cell order[i]."""
+    for patch, cell in zip(patches, order.tolist()):
+        x0, y0 = round(float(patch[0, 0, 0]) * 255), round(float(patch[1, 0, 0]) * 255)
+        row, col = divmod(cell, 3)
+        assert row * 20 <= y0 <= row * 20 + 4 and col * 20 <= x0 <= col * 20 + 4
+
+
+def test_jigsaw_view_applies_exactly_the_permutation_of_its_label():
+    from pirl.methods.jigsaw import hamming_permutations
+
+    cfg = _plain_config("data.jigsaw_crop=60", "data.patch_size=16", "data.jigsaw_scale=[1.0,1.0]")
+    perms = hamming_permutations(10)
+    views = PirlViews(cfg, "jigsaw", permutations=perms, image=False)
+    img = _coordinate_image(60)
+    labels = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        out = views(img)
+        assert "image" not in out
+        label = int(out["permutation"])
+        labels.add(label)
+        assert torch.equal(out["order"], perms[label])
+        _assert_each_patch_from_its_cell(out["patches"], perms[label])
+    assert len(labels) >= 6  # drawn over the whole set
+
+
 def test_permutation_set_orders_the_patches_by_a_uniformly_drawn_row():
     """With a permutation set, ``permutation`` is a drawn row index (every row is drawn), ``order`` is that row,
     and each patch comes from the cell the row names."""
@@ -223,8 +250,5 @@ def test_permutation_set_orders_the_patches_by_a_uniformly_drawn_row():
         row = int(out["permutation"])
         seen.add(row)
         assert torch.equal(out["order"], perms[row])
-        for patch, c in zip(out["patches"], perms[row].tolist()):
-            x0, y0 = round(float(patch[0, 0, 0]) * 255), round(float(patch[1, 0, 0]) * 255)
-            r, col = divmod(c, 3)
-            assert r * 20 <= y0 <= r * 20 + 4 and col * 20 <= x0 <= col * 20 + 4
+        _assert_each_patch_from_its_cell(out["patches"], perms[row])
     assert seen == {0, 1, 2}
